@@ -1,0 +1,137 @@
+"""``edgetune-agent serve``: the RPC server, its tracker, and the board's mDNS advertisement together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import __version__, config
+from .errors import AgentError
+from .schema import BoardRecord, check_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    key: str
+    tracker: tuple[str, int] | None = None  # None: find it by mDNS
+    name: str | None = None
+    host: str = "0.0.0.0"
+    port: int | None = None  # None: first free in 9090-9199; 0: any
+    advertise: bool = True
+    store: str | None = None
+
+
+def board_id(store: str) -> str:
+    """A stable id for this board, kept in the store: survives restarts and address changes.
+
+    Raises :class:`AgentError` when the store cannot be written.
+    """
+    path = Path(store) / "board-id"
+    try:
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise AgentError(f"cannot read {path} ({err.strerror}): check --store") from None
+    new_id = uuid.uuid4().hex
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(new_id + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise AgentError(f"cannot write the board id to {path} ({err.strerror}): pass a writable --store") from None
+    return new_id
+
+
+def make_record(options: ServeOptions, rpc_port: int, profile, board: str) -> BoardRecord:
+    import tvm
+
+    target = profile.target
+    return BoardRecord(
+        board_id=board,
+        name=options.name or socket.gethostname().split(".")[0] or "board",
+        key=options.key,
+        arch=profile.arch,
+        triple=target.get("mtriple", profile.triple),
+        cpu=target.get("mcpu", ""),
+        cores=int(target.get("num-cores", profile.cores)),
+        features=tuple(profile.features),
+        mattr=tuple(target.get("mattr", ())),
+        os=profile.os,
+        model=(profile.board_model or profile.cpu_model)[:120],
+        tvm_version=str(tvm.__version__),
+        agent_version=__version__,
+        rpc_port=rpc_port,
+    )
+
+
+def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
+    """Run the board until SIGTERM/SIGINT. Raises :class:`AgentError` on bad options or set-up failures."""
+    from . import probe
+    from .mdns import Advertiser, TrackerLocator, advertised_addresses, open_zeroconf
+    from .server import RPCAgentServer, bind_listen_socket
+
+    check_key(options.key)
+    store = options.store or config.default_store()
+    sock = bind_listen_socket(options.host, options.port)
+    port = sock.getsockname()[1]
+    zc = locator = advertiser = None
+    server: RPCAgentServer | None = None
+
+    def _stop(signum, _frame) -> None:
+        on_event(f"stopping ({signal.Signals(signum).name})")
+        if server is not None:
+            server.stop()
+        else:
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        profile = probe.read_profile()
+        record = make_record(options, port, profile, board_id(store))
+        if options.advertise or options.tracker is None:
+            zc = open_zeroconf()
+        tracker_source: Callable[[], tuple[str, int] | None]
+        if options.tracker is not None:
+            fixed = options.tracker
+            tracker_source = lambda: fixed  # noqa: E731
+        else:
+            locator = TrackerLocator(zc)
+            tracker_source = locator.current
+        custom_addr = None if options.host in ("", "0.0.0.0") else options.host
+        server = RPCAgentServer(sock, options.key, tracker_source, custom_addr=custom_addr, on_event=on_event)
+        if options.advertise:
+            advertiser = Advertiser(record, advertised_addresses(options.host), zc)
+        on_event(
+            f"board {record.name!r} (id {record.board_id[:8]}, {record.arch}, {record.cpu or '?'} x{record.cores}) "
+            f"serving TVM RPC on {options.host}:{port} as key {options.key!r}"
+            + ("" if options.advertise else " (not advertised)")
+        )
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if server is not None:
+            server.stop()
+        else:
+            sock.close()
+        if advertiser is not None:
+            advertiser.close()
+        if locator is not None:
+            locator.close()
+        if zc is not None:
+            zc.close()
+        on_event("stopped")

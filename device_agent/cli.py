@@ -1,0 +1,110 @@
+"""The ``edgetune-agent`` command, run on the board."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+
+import click
+
+from . import __version__
+from .cliutil import parse_hostport, run_main
+from .errors import AgentError
+
+# Commands living beside their library code, imported only when they run (TVM imports are slow).
+LAZY_COMMANDS = {
+    "install": "device_agent.install_cli:install",
+    "rollback": "device_agent.install_cli:rollback",
+    "status": "device_agent.install_cli:status",
+    "trust": "device_agent.install_cli:trust",
+}
+
+
+class AgentGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            module_name, attr = LAZY_COMMANDS[cmd_name].split(":")
+            return getattr(importlib.import_module(module_name), attr)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=AgentGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log details and show tracebacks of errors.")
+@click.version_option(__version__, prog_name="edgetune-agent")
+def cli(verbose: bool) -> None:
+    """edgetune-agent: makes this board tunable (TVM RPC + mDNS) and installs tuned packages.
+
+    \b
+    Example:
+      edgetune-agent probe
+      edgetune-agent serve --key rpi4
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def probe(as_json: bool) -> None:
+    """Show what this board is and the TVM target proposed for it.
+
+    \b
+    Example:
+      edgetune-agent probe --json
+    """
+    from . import probe as probe_mod
+
+    profile = probe_mod.read_profile()
+    if as_json:
+        click.echo(json.dumps(profile.as_dict(), indent=2))
+    else:
+        click.echo(probe_mod.describe(profile))
+
+
+def _parse_tracker(value: str | None) -> tuple[str, int] | None:
+    return parse_hostport(value) if value else None
+
+
+@cli.command()
+@click.option("--key", required=True, help="Device key: the class of board (e.g. rpi4). No ':'.")
+@click.option("--tracker", envvar="EDGETUNE_TRACKER", metavar="HOST:PORT",
+              help="Tracker to register with (default: $EDGETUNE_TRACKER, else found by mDNS).")
+@click.option("--name", help="This board's name on the LAN (default: the host name).")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to serve RPC on.")
+@click.option("--port", type=int, default=None, help="RPC port (default: first free in 9090-9199; 0 = any).")
+@click.option("--no-advertise", is_flag=True, help="Do not advertise the board on mDNS.")
+@click.option("--store", type=click.Path(file_okay=False), help="Artifact store (default: /var/lib/edgetune).")
+def serve(key: str, tracker: str | None, name: str | None, host: str, port: int | None,
+          no_advertise: bool, store: str | None) -> None:
+    """Serve TVM RPC for tuning, registered with the tracker, and advertise the board.
+
+    \b
+    Example:
+      edgetune-agent serve --key rpi4                      # tracker found by mDNS
+      edgetune-agent serve --key rpi4 --tracker 192.168.1.10:9190 --name pi-kitchen
+    """
+    from .agent import ServeOptions, serve as run_serve
+
+    def on_event(message: str) -> None:
+        click.echo(f"{time.strftime('%H:%M:%S')} {message}", err=True)
+
+    options = ServeOptions(
+        key=key, tracker=_parse_tracker(tracker), name=name, host=host, port=port,
+        advertise=not no_advertise, store=store,
+    )
+    run_serve(options, on_event)
+
+
+def main() -> None:
+    run_main(cli, "edgetune-agent", (AgentError,))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Finding boards: mDNS (``_edgetune._tcp``) merged with the tracker's view."""

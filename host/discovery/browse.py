@@ -1,0 +1,181 @@
+"""Boards found by mDNS, merged with what the tracker knows (free / busy / not registered).
+
+A board is one row whatever number of addresses it answers on: rows are keyed by the board id from
+its TXT record. Plain TVM RPC servers (no agent, e.g. an Android phone running TVM's RPC app) are
+known only to the tracker and are listed too, marked as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
+
+from device_agent.errors import AgentError
+from device_agent.mdns import open_zeroconf
+from device_agent.schema import EDGETUNE_SERVICE, BoardRecord
+
+from .. import config
+from ..errors import EdgetuneError, TrackerUnreachable
+from ..tracker.client import TrackerAddr, tracker_summary
+
+logger = logging.getLogger(__name__)
+
+FREE, BUSY, NOT_REGISTERED, UNKNOWN = "free", "busy", "not registered", "unknown"
+
+
+@dataclass
+class Board:
+    """One board, as mDNS and the tracker see it."""
+
+    name: str
+    key: str
+    addresses: list[str]
+    rpc_port: int
+    board_id: str | None = None
+    record: BoardRecord | None = None
+    status: str = UNKNOWN  # free | busy | not registered | unknown (no tracker)
+    agent: bool = True  # False: a plain TVM RPC server seen only through the tracker
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "board_id": self.board_id,
+            "key": self.key,
+            "addresses": list(self.addresses),
+            "rpc_port": self.rpc_port,
+            "status": self.status,
+            "agent": self.agent,
+        }
+        if self.record is not None:
+            rec = self.record
+            data.update(
+                arch=rec.arch, triple=rec.triple, cpu=rec.cpu, cores=rec.cores, features=list(rec.features),
+                os=rec.os, model=rec.model, tvm_version=rec.tvm_version, agent_version=rec.agent_version,
+                target=rec.target(),
+            )
+        return data
+
+
+@dataclass
+class _Seen:
+    record: BoardRecord
+    addresses: list[str] = field(default_factory=list)
+
+
+def browse_boards(timeout: float, zc: Zeroconf | None = None) -> dict[str, _Seen]:
+    """Listen ``timeout`` seconds for ``_edgetune._tcp`` boards; board id -> record and addresses.
+
+    Raises :class:`EdgetuneError` when mDNS cannot run here.
+    """
+    own = zc is None
+    if zc is None:
+        try:
+            zc = open_zeroconf()
+        except AgentError as err:
+            raise EdgetuneError(str(err).replace("pass --no-advertise and --tracker HOST:PORT",
+                                                 "pass --tracker HOST:PORT")) from None
+    seen: dict[str, _Seen] = {}
+    lock = threading.Lock()
+    names: set[str] = set()
+
+    def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is not ServiceStateChange.Removed:
+            with lock:
+                names.add(name)
+
+    browser = ServiceBrowser(zc, EDGETUNE_SERVICE, handlers=[on_change])
+    try:
+        deadline = time.monotonic() + timeout
+        resolved: set[str] = set()
+        while True:
+            with lock:
+                pending = names - resolved
+            for name in pending:
+                remaining = max(deadline - time.monotonic(), 0.3)
+                info = zc.get_service_info(EDGETUNE_SERVICE, name, timeout=int(min(remaining, 3.0) * 1000))
+                if info is None:
+                    continue
+                resolved.add(name)
+                try:
+                    record = BoardRecord.from_txt(info.properties)
+                except AgentError as err:
+                    logger.warning("ignoring %s: %s", name, err)
+                    continue
+                addresses = info.parsed_addresses(IPVersion.V4Only)
+                entry = seen.setdefault(record.board_id or name, _Seen(record))
+                for address in addresses:
+                    if address not in entry.addresses:
+                        entry.addresses.append(address)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        browser.cancel()
+        if own:
+            zc.close()
+    return seen
+
+
+def _status_of(server: dict[str, Any], queue: dict[str, Any]) -> str:
+    if "free" in server:  # edgetune's tracker says which board exactly
+        return FREE if server["free"] else BUSY
+    free = int(queue.get("free", 0))
+    return FREE if free > 0 else BUSY
+
+
+def merge(seen: dict[str, _Seen], summary: dict[str, Any] | None) -> list[Board]:
+    """One row per board: mDNS boards with their tracker status, then tracker-only (plain TVM) servers."""
+    boards: list[Board] = []
+    for board_id, entry in seen.items():
+        rec = entry.record
+        boards.append(Board(
+            name=rec.name, key=rec.key, addresses=entry.addresses, rpc_port=rec.rpc_port, board_id=board_id,
+            record=rec, status=UNKNOWN if summary is None else NOT_REGISTERED,
+        ))
+    if summary is None:
+        return boards
+    queue_info = summary.get("queue_info", {})
+    for server in summary.get("server_info", []):
+        full_key = server.get("key", "")
+        if not full_key.startswith("server:"):
+            continue
+        key = full_key[len("server:"):]
+        ip, port = server.get("addr", [None, None])[:2]
+        status = _status_of(server, queue_info.get(key, {}))
+        candidates = [b for b in boards if b.agent and b.key == key and b.rpc_port == port]
+        exact = [b for b in candidates if ip in b.addresses]
+        # An agent bound to 0.0.0.0 is seen by the tracker at the address it connected from, which
+        # need not be one it advertises: match on key and port when that is unambiguous.
+        match = exact[0] if exact else (candidates[0] if len(candidates) == 1 else None)
+        if match is not None and match.status in (NOT_REGISTERED, UNKNOWN):
+            match.status = status
+            if ip and ip not in match.addresses:
+                match.addresses.append(ip)
+            continue
+        boards.append(Board(name=f"{ip}:{port}", key=key, addresses=[ip] if ip else [], rpc_port=port or 0,
+                            status=status, agent=False))
+    return boards
+
+
+def find_boards(timeout: float | None = None, tracker: TrackerAddr | None = None) -> tuple[list[Board], str | None]:
+    """Every board on mDNS and on the tracker. Returns the boards and a note (e.g. tracker problems).
+
+    ``tracker=None`` lists mDNS boards only (status unknown).
+    """
+    timeout = config.DISCOVERY_SEC if timeout is None else timeout
+    seen = browse_boards(timeout)
+    summary = None
+    note = None
+    if tracker is not None:
+        try:
+            summary = tracker_summary(tracker)
+        except TrackerUnreachable as err:
+            note = str(err)
+    boards = merge(seen, summary)
+    boards.sort(key=lambda b: (b.key, b.name))
+    return boards, note

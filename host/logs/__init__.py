@@ -1,0 +1,1 @@
+"""Tuning logs: the on-disk format, inspection and merging."""

@@ -1,0 +1,1 @@
+"""Model import: ONNX files to Relax, with their inputs, outputs and hash."""

@@ -1,0 +1,115 @@
+"""Targets and the compilers that link code for them.
+
+A board's target comes from its agent's probe (the mDNS TXT record) or from ``--target JSON`` for
+boards without an agent. Candidates and models are linked into a shared library on the workstation
+with the board's toolchain, because a board has no compiler.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from device_agent.schema import target_to_json
+
+from .errors import EdgetuneError
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """How to link a module for a board: the compiler command and extra options."""
+
+    compiler: str
+    options: tuple[str, ...] = ()
+
+    def fcompile(self):
+        """A fresh TVM ``fcompile`` (TVM's cross compiler keeps state across calls: never reuse one)."""
+        from tvm.support import cc
+
+        if self.options:
+            return cc.cross_compiler(self.compiler, options=list(self.options))
+        return cc.cross_compiler(self.compiler)
+
+
+def parse_target(value: str | dict[str, Any]) -> dict[str, Any]:
+    """A TVM target JSON dict from ``--target``; checked by TVM itself. Raises :class:`EdgetuneError`."""
+    if isinstance(value, str):
+        try:
+            target = json.loads(value)
+        except json.JSONDecodeError:
+            raise EdgetuneError(
+                f"--target {value!r} is not JSON: give a dict, e.g. "
+                '\'{"kind":"llvm","mtriple":"aarch64-linux-gnu","mcpu":"cortex-a72","mattr":["+neon"],"num-cores":4}\''
+            ) from None
+    else:
+        target = dict(value)
+    if not isinstance(target, dict) or target.get("kind") != "llvm" or "mtriple" not in target:
+        raise EdgetuneError('--target must be an llvm target with an "mtriple", e.g. {"kind":"llvm","mtriple":"aarch64-linux-gnu",...}')
+    if target.get("mcpu") == "native":
+        raise EdgetuneError('--target: "mcpu": "native" is refused by TVM: name the board\'s CPU (e.g. "cortex-a72")')
+    target.setdefault("num-cores", 1)
+    check_target(target)
+    return target
+
+
+def check_target(target: dict[str, Any]) -> None:
+    """Raise :class:`EdgetuneError` if TVM refuses ``target``."""
+    import tvm
+
+    try:
+        tvm.target.Target(target)
+    except Exception as err:  # noqa: BLE001 - TVM raises its own error type
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EdgetuneError(f"TVM refuses the target {target_to_json(target)}: {first[:200]}") from None
+
+
+def _host_triple_arch() -> str:
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+
+
+def _android_compiler(triple: str) -> str:
+    explicit = os.environ.get("TVM_NDK_CC")
+    if explicit:
+        if not shutil.which(explicit) and not os.path.isfile(explicit):
+            raise EdgetuneError(f"TVM_NDK_CC={explicit!r} does not exist: point it at the NDK's clang++")
+        return explicit
+    ndk = os.environ.get("ANDROID_NDK_HOME")
+    if not ndk:
+        raise EdgetuneError(
+            "Android target needs the NDK's clang: set ANDROID_NDK_HOME to the NDK folder "
+            "(or TVM_NDK_CC to its aarch64-linux-android<API>-clang++)"
+        )
+    arch = triple.split("-")[0]
+    pattern = os.path.join(ndk, "toolchains", "llvm", "prebuilt", "*", "bin", f"{arch}-linux-android*-clang++")
+    found = sorted(glob.glob(pattern), key=lambda p: int("".join(c for c in p.rsplit("android", 1)[1] if c.isdigit()) or 0))
+    if not found:
+        raise EdgetuneError(f"no {arch}-linux-android*-clang++ under ANDROID_NDK_HOME={ndk}: check the NDK install")
+    return found[-1]
+
+
+def toolchain_for(target: dict[str, Any]) -> Toolchain:
+    """The compiler that links modules for ``target``'s triple. Raises :class:`EdgetuneError` naming the
+    package to install when it is missing."""
+    triple = str(target.get("mtriple", ""))
+    arch = triple.split("-")[0]
+    if "android" in triple:
+        return Toolchain(_android_compiler(triple), ("-static-libstdc++",))
+    if arch == _host_triple_arch():
+        compiler, package = "g++", "g++"
+    elif arch == "aarch64":
+        compiler, package = "aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"
+    elif arch.startswith("arm") and triple.endswith("gnueabihf"):
+        compiler, package = "arm-linux-gnueabihf-g++", "g++-arm-linux-gnueabihf"
+    elif arch == "x86_64":
+        compiler, package = "x86_64-linux-gnu-g++", "g++-x86-64-linux-gnu"
+    else:
+        raise EdgetuneError(f"no known toolchain for target triple {triple!r}: use aarch64, armv7 (gnueabihf), "
+                            "x86_64 or Android")
+    if shutil.which(compiler) is None:
+        raise EdgetuneError(f"cross compiler {compiler} not found: install it (apt-get install {package})")
+    return Toolchain(compiler)

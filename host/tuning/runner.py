@@ -1,0 +1,206 @@
+"""A MetaSchedule runner that measures candidates on every free board of a key, through the tracker.
+
+- one measuring thread per board registered under the key (TVM's ``RPCRunner`` uses one in total);
+- every wait has a deadline: with no free board (all gone, or the tracker gone) a measurement waits
+  up to ``NO_BOARD_DEADLINE_SEC`` and then the session stops with :class:`NoBoardError` instead of
+  hanging;
+- a board that drops a session is retried once on another board before the candidate is recorded
+  as a failed trial; a candidate that crashes or hangs the board is a failed trial, never a stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFuture, RunnerInput, RunnerResult
+from tvm.s_tir.meta_schedule.runner.rpc_runner import (
+    default_alloc_argument,
+    default_cleanup,
+    default_run_evaluator,
+    default_upload_module,
+)
+from tvm.ir.utils import derived_object
+
+from .. import config
+from ..errors import EdgetuneError, NoBoardError, TrackerUnreachable
+from ..tracker.client import TrackerAddr, request_session, servers_of_key, tracker_summary
+
+logger = logging.getLogger(__name__)
+
+# How many boards a candidate may be tried on when boards drop the session (not the candidate's fault).
+MAX_BOARD_ATTEMPTS = 2
+
+
+class SessionStop(EdgetuneError):
+    """Raised out of the tuning loop: no board (or no tracker) before the deadline."""
+
+
+@derived_object
+class BoardFuture(PyRunnerFuture):
+    def __init__(self, future: Future) -> None:
+        super().__init__()
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self) -> RunnerResult:
+        # A SessionStop raised by the job propagates out of the tuning loop and ends the session.
+        return self.future.result()
+
+
+@derived_object
+class BoardRunner(PyRunner):
+    """Measures on the boards of ``key`` found through the tracker at ``tracker``."""
+
+    def __init__(
+        self,
+        tracker: TrackerAddr,
+        key: str,
+        evaluator_config: EvaluatorConfig | None = None,
+        session_timeout_sec: float | None = None,
+        no_board_deadline_sec: float | None = None,
+        on_event: Callable[[dict], None] | None = None,
+        board_log: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        # artifact path -> board that measured it, read by the session's history
+        self.board_log = board_log if board_log is not None else {}
+        self.tracker = tracker
+        self.key = key
+        self.evaluator_config = evaluator_config or EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
+        self.session_timeout_sec = config.MEASURE_SESSION_SEC if session_timeout_sec is None else session_timeout_sec
+        self.no_board_deadline_sec = (config.NO_BOARD_DEADLINE_SEC if no_board_deadline_sec is None
+                                      else no_board_deadline_sec)
+        self.on_event = on_event or (lambda event: None)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._lock = threading.Lock()
+        self._waiting_since: float | None = None
+        self.measured_by: dict[str, int] = {}
+        self.stopped: SessionStop | None = None
+
+    # -- board count -----------------------------------------------------------------------------
+    def count_boards(self) -> int:
+        """Boards registered under the key now (0 when the tracker does not answer)."""
+        try:
+            return len(servers_of_key(tracker_summary(self.tracker), self.key))
+        except TrackerUnreachable:
+            return 0
+
+    def _executor(self) -> ThreadPoolExecutor:
+        boards = max(1, self.count_boards())
+        with self._lock:
+            if self._pool is None or boards > self._pool_size:
+                old = self._pool
+                self._pool = ThreadPoolExecutor(max_workers=boards, thread_name_prefix="edgetune-measure")
+                self._pool_size = boards
+                if old is not None:
+                    old.shutdown(wait=False)
+            return self._pool
+
+    # -- measuring -----------------------------------------------------------------------------
+    def run(self, runner_inputs: list[RunnerInput]) -> list[BoardFuture]:
+        pool = self._executor()
+        return [BoardFuture(pool.submit(self._measure, inp)) for inp in runner_inputs]
+
+    def _note_waiting(self, reason: str) -> None:
+        with self._lock:
+            first = self._waiting_since is None
+            if first:
+                self._waiting_since = time.monotonic()
+        if first:
+            self.on_event({"event": "waiting", "reason": reason, "deadline_s": self.no_board_deadline_sec})
+
+    def _note_board_ok(self, board: str) -> None:
+        with self._lock:
+            was_waiting = self._waiting_since is not None
+            self._waiting_since = None
+            self.measured_by[board] = self.measured_by.get(board, 0) + 1
+        if was_waiting:
+            self.on_event({"event": "resumed", "board": board})
+
+    def _acquire(self):
+        """A session to a free board, waiting up to the no-board deadline (shared by all jobs)."""
+        while True:
+            with self._lock:
+                if self.stopped is not None:
+                    raise self.stopped
+                start = self._waiting_since if self._waiting_since is not None else time.monotonic()
+            deadline = start + self.no_board_deadline_sec
+            if time.monotonic() >= deadline:
+                break
+            try:
+                return request_session(self.tracker, self.key, self.session_timeout_sec,
+                                       min(deadline, time.monotonic() + 5.0))
+            except NoBoardError:
+                self._note_waiting(f"no free board of key {self.key!r} on tracker {self.tracker[0]}:{self.tracker[1]}")
+            except TrackerUnreachable as err:
+                self._note_waiting(str(err))
+                time.sleep(1.0)
+            except ConnectionError as err:
+                self._note_waiting(str(err))
+                time.sleep(0.5)
+        stop = SessionStop(
+            f"no board of key {self.key!r} was available for {self.no_board_deadline_sec:g} s "
+            f"(tracker {self.tracker[0]}:{self.tracker[1]}): the tuning log is intact; start a board "
+            "(`edgetune-agent serve --key " + self.key + "`) and run the same command again to resume"
+        )
+        with self._lock:
+            self.stopped = self.stopped or stop
+        raise self.stopped
+
+    def _measure(self, inp: RunnerInput) -> RunnerResult:
+        artifact = str(inp.artifact_path)
+        last_error = ""
+        try:
+            for _attempt in range(MAX_BOARD_ATTEMPTS):
+                session, board = self._acquire()
+                self.board_log[artifact] = board
+                remote = os.path.basename(artifact)
+                uploaded = False
+                try:
+                    device = session.device(str(inp.device_type), 0)
+                    rt_mod = default_upload_module(session, artifact, remote)
+                    uploaded = True
+                    args = default_alloc_argument(session, device, tuple(a.as_json() for a in inp.args_info), 1)
+                    costs = default_run_evaluator(session, rt_mod, device, self.evaluator_config, args)
+                except Exception as err:  # noqa: BLE001 - any failure on the board is the trial's result
+                    last_error = _one_line(err)
+                    if not uploaded and _is_connection_error(last_error):
+                        continue  # the board dropped us before the candidate ran: try another board
+                    return RunnerResult(None, f"on board {board}: {last_error}")
+                finally:
+                    try:
+                        default_cleanup(session, remote)
+                    except Exception:  # noqa: BLE001 - the session may be gone already
+                        pass
+                self._note_board_ok(board)
+                return RunnerResult([float(c) for c in costs], None)
+            return RunnerResult(None, f"boards dropped the session {MAX_BOARD_ATTEMPTS} times: {last_error}")
+        finally:
+            shutil.rmtree(os.path.dirname(artifact), ignore_errors=True)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # TVM errors put the useful line last, after a traceback.
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
+def _is_connection_error(message: str) -> bool:
+    lowered = message.lower()
+    return any(s in lowered for s in ("connection", "socket", "broken pipe", "reset by peer", "eof"))

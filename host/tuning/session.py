@@ -1,0 +1,451 @@
+"""The tuning session: model in, tuning log out, measured on the boards of a key through the tracker.
+
+Built on MetaSchedule (task extraction, design spaces, evolutionary search, XGBoost cost model, task
+scheduler, JSON database); edgetune adds the warm cross-compiling builder, the multi-board runner
+with deadlines, the exact budget and early stopping, resuming, transfer from another log, and the
+per-trial history.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from device_agent.schema import check_key
+
+from .. import config
+from ..errors import AgentError, EdgetuneError
+from ..logs.tuninglog import TuningLog, now_iso
+from ..models.onnx_import import Model, load_onnx
+from ..toolchain import check_target, toolchain_for
+from ..tracker.client import TrackerAddr, servers_of_key, tracker_summary
+from .strategy import STRATEGIES
+from .tasks import Task, extract_tasks, workload_key
+
+logger = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+@dataclass
+class TuneOptions:
+    model: str
+    key: str
+    trials: int
+    log_dir: str
+    tracker: TrackerAddr
+    target: dict[str, Any] | None = None  # None: the board's own (from its agent), else the log's
+    board: dict[str, Any] | None = None  # the board profile the target came from
+    strategy: str = "xgb"
+    from_log: str | None = None
+    early_stopping: int | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    no_board_deadline_sec: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class TaskSummary:
+    index: int
+    name: str
+    weight: int
+    flops: float
+    trials: int = 0
+    failed: int = 0
+    best_us: float | None = None
+
+    @property
+    def gflops(self) -> float | None:
+        if self.best_us is None or not self.flops:
+            return None
+        return self.flops / (self.best_us * 1e-6) / 1e9
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "weight": self.weight, "flops": self.flops,
+                "trials": self.trials, "failed": self.failed, "best_us": self.best_us, "gflops": self.gflops}
+
+
+@dataclass
+class SessionResult:
+    log_dir: str
+    status: str  # completed | stopped-no-board | interrupted | already-complete
+    budget: int
+    trials_done: int
+    trials_this_run: int
+    elapsed_s: float
+    tasks: list[TaskSummary]
+    estimated_latency_ms: float | None
+    measured_by: dict[str, int]
+    message: str = ""
+    cost_model: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "log_dir": self.log_dir, "status": self.status, "budget": self.budget, "trials_done": self.trials_done,
+            "trials_this_run": self.trials_this_run, "elapsed_s": round(self.elapsed_s, 2),
+            "estimated_latency_ms": self.estimated_latency_ms, "measured_by": self.measured_by,
+            "message": self.message, "cost_model": self.cost_model, "tasks": [t.as_dict() for t in self.tasks],
+        }
+
+
+def estimated_latency_ms(tasks: list[TaskSummary]) -> float | None:
+    """Sum of weight x best latency over tasks; None while any task has no successful trial."""
+    if not tasks or any(t.best_us is None for t in tasks):
+        return None
+    return sum(t.weight * (t.best_us or 0.0) for t in tasks) / 1000.0
+
+
+def _mean(run_secs) -> float | None:
+    if run_secs is None:
+        return None
+    values = [float(s) for s in run_secs]
+    if not values or min(values) >= 1e9:  # MetaSchedule writes 1e10 for failures in some paths
+        return None
+    return sum(values) / len(values)
+
+
+class _Progress:
+    """Per-task bests and the history file; shared by the measure callback and the replay step."""
+
+    def __init__(self, log: TuningLog, tasks: list[Task], budget: int, on_event: Callable[[Event], None],
+                 elapsed_before: float) -> None:
+        self.log = log
+        self.tasks = tasks
+        self.budget = budget
+        self.on_event = on_event
+        self.summaries = [TaskSummary(t.index, t.name, t.weight, t.flops) for t in tasks]
+        self.trial = 0
+        self.started = time.monotonic()
+        self.elapsed_before = elapsed_before
+        self.board_of: dict[str, str] = {}
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def absorb_history(self, history: list[dict[str, Any]]) -> None:
+        for entry in history:
+            self.trial = max(self.trial, int(entry.get("trial", 0)))
+            idx = entry.get("task")
+            if isinstance(idx, int) and 0 <= idx < len(self.summaries):
+                self._count(self.summaries[idx], entry.get("latency_us"))
+
+    @staticmethod
+    def _count(summary: TaskSummary, latency_us: float | None) -> None:
+        summary.trials += 1
+        if latency_us is None:
+            summary.failed += 1
+        elif summary.best_us is None or latency_us < summary.best_us:
+            summary.best_us = latency_us
+
+    def record(self, task_index: int, outcomes: list[tuple[float | None, str | None, str | None]]) -> None:
+        """Append one batch of trials: (latency_s or None, error or None, board) each."""
+        summary = self.summaries[task_index]
+        entries = []
+        for latency_s, error, board in outcomes:
+            self.trial += 1
+            latency_us = latency_s * 1e6 if latency_s is not None else None
+            self._count(summary, latency_us)
+            gflops = (summary.flops / latency_s / 1e9) if (latency_s and summary.flops) else None
+            entries.append({
+                "trial": self.trial, "task": task_index, "task_name": summary.name,
+                "elapsed_s": round(self.elapsed(), 3), "time": now_iso(),
+                "latency_us": latency_us, "gflops": gflops, "error": error, "board": board,
+            })
+        self.log.append_history(entries)
+        self.on_event({
+            "event": "trials", "done": self.trial, "budget": self.budget, "task": summary.name,
+            "task_index": task_index, "batch": len(outcomes), "failed": sum(1 for o in outcomes if o[0] is None),
+            "best_us": summary.best_us, "gflops": summary.gflops,
+            "estimated_ms": estimated_latency_ms(self.summaries),
+            "tasks_tuned": sum(1 for s in self.summaries if s.best_us is not None), "tasks": len(self.summaries),
+            "elapsed_s": round(self.elapsed(), 2),
+        })
+
+
+def _history_callback(progress: _Progress):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class HistoryCallback(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+            outcomes = []
+            for built, ran in zip(builder_results, runner_results):
+                board = progress.board_of.pop(str(built.artifact_path), None) if built.artifact_path else None
+                error = built.error_msg or ran.error_msg
+                latency = None if error else _mean(ran.run_secs)
+                outcomes.append((latency, str(error) if error else (None if latency else "no timing"), board))
+            progress.record(int(task_id), outcomes)
+
+    return HistoryCallback()
+
+
+def resolve_board_target(key: str, timeout: float | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The target (and TXT record) advertised by an agent of ``key`` on mDNS, or None."""
+    from ..discovery.browse import browse_boards
+
+    seen = browse_boards(config.DISCOVERY_SEC if timeout is None else timeout)
+    records = [entry.record for entry in seen.values() if entry.record.key == key]
+    if not records:
+        return None
+    targets = {tuple(sorted(r.target().items(), key=str)) for r in records}
+    if len(targets) > 1:
+        logger.warning("boards of key %r advertise different targets; using %s's", key, records[0].name)
+    return records[0].target(), records[0].as_dict()
+
+
+def _check_boards(tracker: TrackerAddr, key: str) -> int:
+    summary = tracker_summary(tracker)
+    boards = len(servers_of_key(summary, key))
+    if boards == 0:
+        keys = sorted({s.get("key", "").split(":", 1)[-1] for s in summary.get("server_info", [])})
+        raise EdgetuneError(
+            f"no board is registered under key {key!r} at tracker {tracker[0]}:{tracker[1]} "
+            f"(keys there: {', '.join(keys) or 'none'}): check --device, or start `edgetune-agent serve --key {key}`"
+        )
+    return boards
+
+
+def _pretrain(cost_model, contexts, tasks: list[Task], records) -> int:
+    """Train the cost model on existing records (of this log when resuming, or a similar board's)."""
+    from tvm.s_tir.meta_schedule.runner import RunnerResult
+
+    by_hash = {t.workload_hash: i for i, t in enumerate(tasks)}
+    grouped: dict[int, tuple[list, list]] = {}
+    for record in records:
+        if _mean(record.run_secs) is None:
+            continue
+        idx = by_hash.get(workload_key(record.workload.mod))
+        if idx is None:
+            continue
+        try:
+            candidate = record.as_measure_candidate()
+        except Exception as err:  # noqa: BLE001 - a record whose trace no longer applies is skipped
+            logger.debug("skipping a record: %s", err)
+            continue
+        cands, results = grouped.setdefault(idx, ([], []))
+        cands.append(candidate)
+        results.append(RunnerResult([float(s) for s in record.run_secs], None))
+    used = 0
+    for idx, (cands, results) in grouped.items():
+        cost_model.update(contexts[idx], cands, results)
+        used += len(cands)
+    return used
+
+
+def _best_by_task(records, tasks: list[Task]) -> dict[int, Any]:
+    by_hash = {t.workload_hash: i for i, t in enumerate(tasks)}
+    best: dict[int, tuple[float, Any]] = {}
+    for record in records:
+        latency = _mean(record.run_secs)
+        idx = by_hash.get(workload_key(record.workload.mod))
+        if latency is None or idx is None:
+            continue
+        if idx not in best or latency < best[idx][0]:
+            best[idx] = (latency, record)
+    return {idx: rec for idx, (_, rec) in best.items()}
+
+
+def _replay(seed_best: dict[int, Any], contexts, target, database, builder, runner, progress: _Progress,
+            budget) -> int:
+    """Measure the seed log's best schedule of each task on this board first (they count as trials)."""
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    replayed = 0
+    for idx in sorted(seed_best):
+        if budget.take(1) == 0:
+            break
+        record = seed_best[idx]
+        ctx = contexts[idx]
+        try:
+            candidate = record.as_measure_candidate()
+        except Exception as err:  # noqa: BLE001
+            logger.debug("seed record does not apply: %s", err)
+            budget.remaining += 1
+            continue
+        built = builder.build([BuilderInput(candidate.sch.mod, target)])[0]
+        if built.error_msg:
+            run_secs, error, board = None, built.error_msg, None
+        else:
+            ran = runner.run([RunnerInput(built.artifact_path, "cpu", candidate.args_info)])[0].result()
+            board = progress.board_of.pop(str(built.artifact_path), None)
+            run_secs, error = ran.run_secs, ran.error_msg
+        workload = database.commit_workload(ctx.mod)
+        database.commit_tuning_record(TuningRecord(candidate.sch.trace, workload, run_secs, target,
+                                                   candidate.args_info))
+        latency = None if error else _mean(run_secs)
+        progress.record(idx, [(latency, error, board)])
+        replayed += 1
+    return replayed
+
+
+def _load_records(path: str | Path):
+    log = TuningLog.open(path)
+    return list(log.database().get_all_tuning_records()), log
+
+
+def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None = None) -> SessionResult:
+    """Run (or resume) a tuning session. Raises :class:`EdgetuneError` on bad input before any trial;
+    a session stopped by missing boards returns with ``status="stopped-no-board"`` and its log intact."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from .builder import WarmBuilder
+    from .runner import BoardRunner, SessionStop
+    from .strategy import Budget, BudgetedStrategy
+
+    emit = on_event or (lambda event: None)
+    if options.strategy not in STRATEGIES:
+        raise EdgetuneError(f"unknown strategy {options.strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if options.trials <= 0:
+        raise EdgetuneError("--trials must be a positive number of trials (e.g. --trials 64)")
+    if options.early_stopping is not None and options.early_stopping <= 0:
+        raise EdgetuneError("--early-stopping must be a positive number of trials")
+    try:
+        check_key(options.key)
+    except AgentError as err:
+        raise EdgetuneError(str(err).replace("--key", "--device")) from None
+
+    model: Model = load_onnx(options.model, options.input_shapes)
+    log = TuningLog.open(options.log_dir, create=True)
+    target, board = options.target, options.board
+    if target is None:
+        found = resolve_board_target(options.key)
+        if found is not None:
+            target, board = found
+        elif log.session.get("target"):
+            target, board = log.session["target"], log.session.get("board")
+        else:
+            raise EdgetuneError(
+                f"no agent of key {options.key!r} advertises its target on mDNS: pass --target JSON "
+                "(for a board running plain TVM RPC) or start `edgetune-agent serve` on the board"
+            )
+    check_target(target)
+    toolchain = toolchain_for(target)
+    log.check_compatible(model.sha256, target)
+    seed_records, seed_log = ([], None)
+    if options.from_log:
+        if Path(options.from_log).resolve() == Path(options.log_dir).resolve():
+            raise EdgetuneError("--from-log is the same folder as --log: resuming needs no --from-log")
+        seed_records, seed_log = _load_records(options.from_log)
+    boards = _check_boards(options.tracker, options.key)
+
+    tasks = extract_tasks(model.mod, target)
+    if not tasks:
+        raise EdgetuneError(f"{model.name} has no kernels to tune for this target")
+    done_before = log.record_count()
+    remaining = options.trials - done_before
+    history = log.history()
+    elapsed_before = float(log.session.get("elapsed_s", 0.0))
+    session = log.session
+    session.update({
+        "model": model.describe(), "key": options.key, "target": target, "board": board,
+        "strategy": options.strategy, "budget": options.trials, "trials_done": done_before,
+        "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
+    })
+    session.setdefault("runs", [])
+    session.setdefault("created", now_iso())
+    progress = _Progress(log, tasks, options.trials, emit, elapsed_before)
+    progress.absorb_history(history)
+    progress.trial = max(progress.trial, done_before)
+    if remaining <= 0:
+        session["status"] = "completed"
+        log.save_session()
+        return SessionResult(str(log.path), "already-complete", options.trials, done_before, 0, 0.0,
+                             progress.summaries, estimated_latency_ms(progress.summaries), {},
+                             f"the log already holds {done_before} trials (budget {options.trials}): raise --trials to tune more")
+
+    run_entry = {"started": now_iso(), "ended": None, "trials": 0, "status": "running", "boards": boards}
+    session["runs"].append(run_entry)
+    session["status"] = "running"
+    log.save_session()
+    emit({"event": "start", "model": model.name, "key": options.key, "target": target, "tasks": len(tasks),
+          "budget": options.trials, "done": done_before, "boards": boards, "resumed": done_before > 0,
+          "log": str(log.path)})
+
+    tvm_target = tvm.target.Target(target)
+    database = log.database()
+    budget = Budget(remaining, options.early_stopping)
+    extracted = [t.extracted for t in tasks]
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted, str(log.path / "logs"), space="post-order-apply",
+        strategy=BudgetedStrategy(options.strategy, budget),
+        num_threads=max(1, os.cpu_count() or 1), seed=options.seed,
+    )
+    if options.strategy == "xgb":
+        cost_model = ms.cost_model.XGBModel(
+            extractor=ms.feature_extractor.PerStoreFeature(extract_workload=True),
+            num_warmup_samples=8, num_tuning_cores=max(1, os.cpu_count() or 1),
+            adaptive_training=False, tree_method="auto",
+        )
+    else:
+        cost_model = ms.cost_model.RandomModel()
+    cost_info: dict[str, Any] = {"kind": "xgb" if options.strategy == "xgb" else "none",
+                                 "seeded_from": str(options.from_log) if options.from_log else None}
+    if options.strategy == "xgb":
+        own = list(database.get_all_tuning_records()) if done_before else []
+        cost_info["pretrained_on_own"] = _pretrain(cost_model, contexts, tasks, own)
+        cost_info["pretrained_on_seed"] = _pretrain(cost_model, contexts, tasks, seed_records)
+        cost_info["trained_before_first_trial"] = getattr(cost_model, "booster", None) is not None
+    session["cost_model"] = cost_info
+    log.save_session()
+
+    builder = WarmBuilder(toolchain)
+    runner = BoardRunner(options.tracker, options.key, no_board_deadline_sec=options.no_board_deadline_sec,
+                         on_event=emit, board_log=progress.board_of)
+    status, message = "completed", ""
+    run_start = time.monotonic()
+    try:
+        emit({"event": "warming", "what": "build workers"})
+        builder.warm_up()
+        if seed_records and done_before == 0:
+            replayed = _replay(_best_by_task(seed_records, tasks), contexts, tvm_target, database, builder,
+                               runner, progress, budget)
+            cost_info["replayed_seed_best"] = replayed
+        if budget.remaining > 0:
+            per_iter = max(4, min(32, budget.remaining // max(1, len(tasks))))
+            ms.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(log.path / "logs"),
+                max_trials_global=budget.remaining, max_trials_per_task=budget.remaining,
+                num_trials_per_iter=per_iter, builder=builder, runner=runner, database=database,
+                cost_model=cost_model,
+                measure_callbacks=[ms.measure_callback.AddToDatabase(), _history_callback(progress),
+                                   ms.measure_callback.UpdateCostModel()],
+                task_scheduler="gradient",
+            )
+    except SessionStop as err:
+        status, message = "stopped-no-board", str(err)
+    except KeyboardInterrupt:
+        status, message = "interrupted", "interrupted: run the same command again to resume"
+    except Exception as err:  # noqa: BLE001 - a stop raised inside the tuning loop comes back wrapped
+        if runner.stopped is not None:
+            status, message = "stopped-no-board", str(runner.stopped)
+        else:
+            raise
+    finally:
+        builder.shutdown()
+        runner.shutdown()
+        trials_done = log.record_count()
+        run_entry.update(ended=now_iso(), trials=trials_done - done_before, status=status)
+        session.update(trials_done=trials_done, status=status, elapsed_s=round(progress.elapsed(), 3),
+                       measured_by=_merge_counts(session.get("measured_by", {}), runner.measured_by))
+        log.save_session()
+    if status == "completed" and trials_done < options.trials:
+        message = (f"search ended after {trials_done} of {options.trials} trials "
+                   + ("(early stopping)" if options.early_stopping else "(the search space is exhausted)"))
+    return SessionResult(str(log.path), status, options.trials, trials_done, trials_done - done_before,
+                         time.monotonic() - run_start, progress.summaries, estimated_latency_ms(progress.summaries),
+                         dict(runner.measured_by), message, cost_info)
+
+
+def _merge_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:
+    merged = dict(old)
+    for board, count in new.items():
+        merged[board] = merged.get(board, 0) + count
+    return merged

@@ -1,0 +1,99 @@
+"""Search strategies wrapped with a session-wide trial budget and per-task early stopping.
+
+MetaSchedule checks its global trial budget only before a batch is generated, so a session can
+overshoot by a batch; and it has no early stopping. Both are enforced here, around MetaSchedule's
+own strategies (evolutionary search guided by the cost model, or uniform replay of the space), by
+trimming or ending each task's batches. Everything else is the wrapped strategy's.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.search_strategy import (
+    EvolutionarySearch,
+    MeasureCandidate,
+    PySearchStrategy,
+    ReplayTrace,
+    SearchStrategy,
+)
+
+STRATEGIES = ("xgb", "random")
+
+
+@dataclass
+class Budget:
+    """Trials the whole session may still hand out, shared by every task's strategy."""
+
+    remaining: int
+    early_stopping: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, wanted: int) -> int:
+        with self.lock:
+            granted = max(0, min(wanted, self.remaining))
+            self.remaining -= granted
+            return granted
+
+
+def make_inner(strategy: str) -> SearchStrategy:
+    if strategy == "xgb":
+        # A smaller population than MetaSchedule's 512 keeps the search step short on 2-core hosts;
+        # the cost model still ranks thousands of mutants per batch.
+        return EvolutionarySearch(population_size=256, init_min_unmeasured=32)
+    if strategy == "random":
+        return ReplayTrace()
+    raise ValueError(strategy)
+
+
+@derived_object
+class BudgetedStrategy(PySearchStrategy):
+    """Wraps a MetaSchedule strategy: trims batches to the shared budget, stops a task early."""
+
+    def __init__(self, strategy: str, budget: Budget, inner: SearchStrategy | None = None) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.budget = budget
+        self.inner = inner if inner is not None else make_inner(strategy)
+        self.best: float | None = None
+        self.since_improvement = 0
+        self.stopped_early = False
+
+    def _initialize_with_tune_context(self, context) -> None:
+        self.inner._initialize_with_tune_context(context)
+
+    def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None) -> None:
+        self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+    def post_tuning(self) -> None:
+        self.inner.post_tuning()
+
+    def generate_measure_candidates(self) -> list[MeasureCandidate] | None:
+        if self.stopped_early:
+            return None
+        candidates = self.inner.generate_measure_candidates()
+        if not candidates:
+            return None
+        granted = self.budget.take(len(candidates))
+        if granted == 0:
+            return None
+        return list(candidates)[:granted]
+
+    def notify_runner_results(self, measure_candidates, results) -> None:
+        self.inner.notify_runner_results(measure_candidates, results)
+        for result in results:
+            secs = [float(s) for s in result.run_secs] if result.run_secs is not None else None
+            latency = sum(secs) / len(secs) if secs else None
+            if latency is not None and (self.best is None or latency < self.best):
+                self.best = latency
+                self.since_improvement = 0
+            else:
+                self.since_improvement += 1
+        limit = self.budget.early_stopping
+        if limit is not None and self.best is not None and self.since_improvement >= limit:
+            self.stopped_early = True
+
+    def clone(self) -> SearchStrategy:
+        return BudgetedStrategy(self.strategy, self.budget, self.inner.clone())
