@@ -14,7 +14,9 @@ def run_main(group: click.Group, prog: str, errors: tuple[type[BaseException], .
     """Run a click group: known errors as one line (traceback with -v), unknown ones as a report."""
     verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:])
     try:
-        group.main(prog_name=prog, standalone_mode=False)
+        code = group.main(prog_name=prog, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .. import config
@@ -31,6 +33,8 @@ def devices(as_json: bool, tracker: str | None, timeout: float | None) -> None:
             raise
         addr, note = None, str(err)
     boards, tracker_note = find_boards(timeout, addr)
+    if tracker_note and (tracker or os.environ.get("EDGETUNE_TRACKER")):
+        raise EdgetuneError(tracker_note)  # the tracker the user named does not answer
     note = tracker_note or note
     if as_json:
         emit({"tracker": f"{addr[0]}:{addr[1]}" if addr else None, "note": note,

@@ -1,0 +1,131 @@
+"""``edgetune flash``."""
+
+from __future__ import annotations
+
+import click
+
+from .. import config
+from ..cliutil import emit, json_option, table
+from ..errors import EdgetuneError
+from .ssh import DEFAULT_AGENT_COMMAND, DEFAULT_KNOWN_HOSTS, DEFAULT_REMOTE_DIR, FlashResult, FlashTarget, flash as run_flash
+
+
+def _parse_host(value: str, default_port: int) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[V6]:PORT``."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""
+    if not host or (port and (not port.isdigit() or not 0 < int(port) < 65536)):
+        raise EdgetuneError(f"--host {value!r} is not HOST or HOST:PORT (e.g. --host 192.168.1.20:22)")
+    return host, int(port) if port else default_port
+
+
+def _discovered(device: str | None, key: str | None, all_boards: bool, timeout: float) -> list[tuple[str, str]]:
+    """(name, address) of the boards chosen by --device / --key, found by mDNS."""
+    from ..discovery.browse import find_boards
+
+    found = find_boards(timeout)
+    boards = found[0] if isinstance(found, tuple) else found
+    if device:
+        chosen = [b for b in boards if device in (b.name, getattr(b, "board_id", None))]
+        if not chosen:
+            names = ", ".join(sorted(b.name for b in boards)) or "none"
+            raise EdgetuneError(f"no board named {device!r} answered on mDNS within {timeout:g} s (found: {names}): "
+                                "check it runs `edgetune-agent serve`, or pass --host ADDRESS")
+    else:
+        chosen = [b for b in boards if b.key == key]
+        if not chosen:
+            raise EdgetuneError(f"no board with key {key!r} answered on mDNS within {timeout:g} s: "
+                                f"check they run `edgetune-agent serve --key {key}`, or pass --host ADDRESS")
+        if len(chosen) > 1 and not all_boards:
+            names = ", ".join(b.name for b in chosen)
+            raise EdgetuneError(f"{len(chosen)} boards have key {key!r} ({names}): pass --all to flash every one, "
+                                "or --device NAME for one")
+    picked = []
+    for board in chosen:
+        if not board.addresses:
+            raise EdgetuneError(f"board {board.name} has no address on mDNS: pass --host ADDRESS")
+        picked.append((board.name, board.addresses[0]))
+    return picked
+
+
+def _render(results: list[FlashResult]) -> str:
+    rows = []
+    for r in results:
+        check = "passed" if r.self_check_ok else ("failed" if r.self_check_ok is False else "-")
+        p50 = f"{r.p50_ms:.3f} ms" if r.p50_ms is not None else "-"
+        rows.append([r.name, r.address, "ok" if r.ok else "failed", r.slot or "-", check, p50, r.error or ""])
+    lines = [table(rows, ["board", "address", "result", "slot", "self-check", "p50", "error"])]
+    for r in results:
+        lines.extend(f"{r.name}: {note}" for note in r.notes)
+    failed = sum(not r.ok for r in results)
+    lines.append(f"{len(results) - failed} of {len(results)} boards flashed" + (f", {failed} failed" if failed else ""))
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("pkg", type=click.Path(dir_okay=False, exists=True))
+@click.option("--host", "hosts", multiple=True, metavar="HOST[:PORT]",
+              help="A board's SSH address (repeat for several boards).")
+@click.option("--device", help="The board of this name, found by mDNS.")
+@click.option("--key", help="The boards of this device key, found by mDNS (needs --all if several).")
+@click.option("--all", "all_boards", is_flag=True, help="With --key: flash every board of the key, in parallel.")
+@click.option("--user", default="root", show_default=True, help="SSH user on the boards.")
+@click.option("--identity", type=click.Path(dir_okay=False, exists=True), help="SSH private key file.")
+@click.option("--port", type=int, default=22, show_default=True, help="SSH port (when HOST gives none).")
+@click.option("--known-hosts", default=DEFAULT_KNOWN_HOSTS, show_default=True, type=click.Path(dir_okay=False),
+              help="known_hosts file the boards' host keys are checked against.")
+@click.option("--trust-new-host", is_flag=True,
+              help="Accept a board whose host key is unknown and record it in --known-hosts (a changed key is "
+                   "still refused).")
+@click.option("--agent-command", default=DEFAULT_AGENT_COMMAND, show_default=True,
+              help="How to run the agent on the boards (e.g. /opt/edgetune/bin/edgetune-agent).")
+@click.option("--store", help="The agent's store directory on the boards (default: the agent's).")
+@click.option("--remote-dir", default=DEFAULT_REMOTE_DIR, show_default=True,
+              help="Where the package is uploaded on the boards before install (removed afterwards).")
+@click.option("--timeout", type=float, default=None, help="Seconds to look for boards on mDNS (default 3).")
+@json_option
+def flash(pkg: str, hosts: tuple[str, ...], device: str | None, key: str | None,
+          all_boards: bool, user: str, identity: str | None, port: int, known_hosts: str, trust_new_host: bool,
+          agent_command: str, store: str | None, remote_dir: str, timeout: float | None, as_json: bool) -> None:
+    """Install a package on one board or every board of a key, over SSH.
+
+    Each board verifies the signature and files, checks the package suits its CPU, switches to it
+    atomically and runs a self-check, rolling back to the previous model if it fails. Exits
+    non-zero if any board failed.
+
+    \b
+    Example:
+      edgetune flash model.etpkg --key rpi4 --all
+      edgetune flash model.etpkg --device pi-kitchen --identity ~/.ssh/id_ed25519
+      edgetune flash model.etpkg --host 192.168.1.20 --host 192.168.1.21:2222 --user pi --json
+    """
+    if sum(bool(x) for x in (hosts, device, key)) != 1:
+        raise EdgetuneError("choose the boards with exactly one of --host HOST, --device NAME or --key KEY")
+    if all_boards and not key:
+        raise EdgetuneError("--all goes with --key KEY (every board of that key)")
+    if hosts:
+        named = [(value, value) for value in hosts]
+    else:
+        named = _discovered(device, key, all_boards, config.DISCOVERY_SEC if timeout is None else timeout)
+    targets = []
+    for name, address in named:
+        host, board_port = _parse_host(address, port)
+        targets.append(FlashTarget(name=name, host=host, port=board_port, user=user, key_file=identity))
+
+    def on_progress(board: str, message: str) -> None:
+        if not as_json:
+            click.echo(f"{board}: {message}", err=True)
+
+    results = run_flash(pkg, targets, known_hosts=known_hosts, trust_new_host=trust_new_host,
+                        agent_command=agent_command, store=store, remote_dir=remote_dir, on_progress=on_progress)
+    emit(results, as_json, _render)
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        # Raised rather than ctx.exit(1): a non-standalone click main returns that status instead of exiting.
+        raise EdgetuneError(f"{len(failed)} of {len(results)} boards failed ({', '.join(failed)}): "
+                            "see each board's error above, fix it and flash those boards again")

@@ -1,0 +1,328 @@
+"""Flash a package onto boards over SSH (paramiko): upload, `edgetune-agent install --json`, clean up.
+
+Host keys are checked against a known_hosts file; an unknown host is refused unless the caller asks
+to trust new hosts (the key is then recorded in that file), and a changed host key is always
+refused. Each board is flashed in its own thread; one board's failure never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shlex
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import paramiko
+
+from device_agent.manifest import PACKAGE_SUFFIX
+
+from .. import config
+from ..errors import EdgetuneError
+from ..package.package import read_package_manifest
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_AGENT_COMMAND = "edgetune-agent"
+DEFAULT_REMOTE_DIR = "/tmp"
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+# Boards flashed at the same time; each holds one SSH connection and one upload.
+MAX_PARALLEL = 16
+# How often the command's output is polled while it runs.
+_POLL_SEC = 0.05
+
+
+@dataclass(frozen=True)
+class FlashTarget:
+    """One board to flash: where its SSH server is and who to log in as."""
+
+    name: str
+    host: str
+    port: int = 22
+    user: str = "root"
+    key_file: str | None = None
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user}@{host}:{self.port}"
+
+
+@dataclass
+class FlashResult:
+    """What happened on one board. ``install`` is the agent's JSON answer, when there was one."""
+
+    name: str
+    address: str
+    ok: bool
+    slot: str | None = None
+    model_name: str | None = None
+    self_check_ok: bool | None = None
+    p50_ms: float | None = None
+    max_abs_err: float | None = None
+    rolled_back: bool = False
+    current: str | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    install: dict[str, Any] | None = None
+
+
+class _KnownHosts:
+    """The known_hosts file shared by all threads of one flash; new keys are appended under a lock."""
+
+    def __init__(self, path: Path, trust_new: bool) -> None:
+        self.path = path
+        self.trust_new = trust_new
+        self.lock = threading.Lock()
+
+    def policy(self, notes: list[str]) -> paramiko.MissingHostKeyPolicy:
+        return _Policy(self, notes)
+
+
+class _Policy(paramiko.MissingHostKeyPolicy):
+    """RejectPolicy with a sentence that says what to do, or record-on-first-use when asked to."""
+
+    def __init__(self, known: _KnownHosts, notes: list[str]) -> None:
+        self.known = known
+        self.notes = notes
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        fp = key.fingerprint
+        if not self.known.trust_new:
+            host, _, port = hostname.strip("[").partition("]:")
+            scan = f"ssh-keyscan -p {port} {host}" if port else f"ssh-keyscan {hostname}"
+            raise EdgetuneError(
+                f"host key of {hostname} is unknown ({key.get_name()} {fp}, not in {self.known.path}): "
+                f"check it and add it (`{scan} >> {self.known.path}`), or pass --trust-new-host to record it"
+            )
+        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
+        with self.known.lock:
+            self.known.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(self.known.path, "a", encoding="utf-8") as f:
+                f.write(line)
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        self.notes.append(f"new host key {key.get_name()} {fp} recorded in {self.known.path}")
+        logger.warning("recorded new host key of %s (%s) in %s", hostname, fp, self.known.path)
+
+
+@dataclass(frozen=True)
+class _Options:
+    known: _KnownHosts
+    agent_command: str
+    store: str | None
+    remote_dir: str
+    progress: Callable[[str, str], None]
+
+
+def _connect(target: FlashTarget, opts: _Options, notes: list[str]) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    try:
+        if opts.known.path.is_file():
+            client.load_host_keys(str(opts.known.path))
+    except (OSError, paramiko.SSHException) as err:
+        raise EdgetuneError(f"cannot read known hosts {opts.known.path} ({err}): fix the file or pass --known-hosts FILE") from None
+    client.set_missing_host_key_policy(opts.known.policy(notes))
+    explicit_key = target.key_file is not None
+    try:
+        client.connect(
+            target.host, port=target.port, username=target.user, key_filename=target.key_file,
+            timeout=config.SSH_CONNECT_SEC, banner_timeout=config.SSH_CONNECT_SEC,
+            auth_timeout=config.SSH_CONNECT_SEC, channel_timeout=config.SSH_CONNECT_SEC,
+            allow_agent=not explicit_key, look_for_keys=not explicit_key,
+        )
+    except EdgetuneError:
+        client.close()
+        raise
+    except paramiko.BadHostKeyException as err:
+        client.close()
+        name = f"[{target.host}]:{target.port}" if target.port != 22 else target.host
+        raise EdgetuneError(
+            f"host key of {name} has CHANGED ({err.key.get_name()} {err.key.fingerprint}, known_hosts has "
+            f"{err.expected_key.fingerprint}): refusing to connect; if the board was reinstalled, remove the old "
+            f"key with `ssh-keygen -R '{name}' -f {opts.known.path}` and flash again"
+        ) from None
+    except paramiko.AuthenticationException as err:
+        client.close()
+        how = f"the key {target.key_file}" if explicit_key else "your SSH agent / ~/.ssh keys"
+        raise EdgetuneError(
+            f"SSH login as {target.user} refused ({err}) with {how}: pass --user and --identity FILE "
+            "of a key in the board's authorized_keys"
+        ) from None
+    except (socket.timeout, TimeoutError):
+        client.close()
+        raise EdgetuneError(
+            f"no SSH answer within {config.SSH_CONNECT_SEC:g} s: check the board is on and the address "
+            "(raise EDGETUNE_SSH_CONNECT_SEC on slow links)"
+        ) from None
+    except (paramiko.SSHException, OSError) as err:
+        client.close()
+        raise EdgetuneError(
+            f"cannot connect over SSH to {target.host}:{target.port} ({_reason(err)}): check the board is on, "
+            "sshd runs there, and the port"
+        ) from None
+    return client
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, paramiko.ssh_exception.NoValidConnectionsError):
+        inner = [e for e in err.errors.values() if isinstance(e, OSError)]
+        if inner:
+            return _reason(inner[0])
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
+def _run(client: paramiko.SSHClient, command: str, timeout: float) -> tuple[int, str, str]:
+    """Run ``command`` on the board; ``(exit status, stdout, stderr)``. Raises :class:`EdgetuneError` at the deadline."""
+    transport = client.get_transport()
+    if transport is None:
+        raise EdgetuneError("the SSH connection dropped: flash again")
+    chan = transport.open_session(timeout=config.SSH_CONNECT_SEC)
+    out, err = bytearray(), bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        chan.exec_command(command)
+        while True:
+            busy = False
+            while chan.recv_ready():
+                out += chan.recv(65536)
+                busy = True
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+                busy = True
+            if chan.exit_status_ready() and (chan.eof_received or chan.closed) and not busy:
+                break
+            if time.monotonic() > deadline:
+                raise EdgetuneError(
+                    f"`{command}` did not finish within {timeout:g} s on the board: check it with "
+                    "`edgetune-agent status` there (raise EDGETUNE_SSH_INSTALL_SEC for slow boards)"
+                )
+            if not busy:
+                time.sleep(_POLL_SEC)
+        return chan.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace")
+    finally:
+        chan.close()
+
+
+def _parse_answer(status: int, stdout: str, stderr: str, agent_command: str) -> dict[str, Any]:
+    text = stdout.strip()
+    start = text.find("{")
+    if start >= 0:
+        try:
+            data = json.loads(text[start:])
+            if isinstance(data, dict):
+                return data
+        except json.JSONDecodeError:
+            pass
+    if status == 127:
+        raise EdgetuneError(
+            f"`{agent_command}` was not found on the board (exit 127): install edgetune on it, "
+            "or pass --agent-command with its full path"
+        )
+    tail = (stderr.strip().splitlines() or stdout.strip().splitlines() or ["no output"])[-1]
+    raise EdgetuneError(f"`{agent_command} install` failed on the board (exit {status}): {tail}")
+
+
+def _flash_one(pkg: Path, size: int, target: FlashTarget, opts: _Options) -> FlashResult:
+    result = FlashResult(name=target.name, address=target.address, ok=False)
+    start = time.monotonic()
+    say = lambda msg: opts.progress(target.name, msg)  # noqa: E731
+    client: paramiko.SSHClient | None = None
+    sftp: paramiko.SFTPClient | None = None
+    remote_part = f"{opts.remote_dir.rstrip('/')}/edgetune-{secrets.token_hex(8)}{PACKAGE_SUFFIX}.part"
+    remote_pkg = remote_part[: -len(".part")]
+    try:
+        say("connecting")
+        client = _connect(target, opts, result.notes)
+        say(f"uploading {size / 1e6:.1f} MB")
+        sftp = client.open_sftp()
+        channel = sftp.get_channel()
+        if channel is not None:
+            channel.settimeout(config.SSH_CONNECT_SEC)
+        # Uploaded under .part and renamed only once complete: the agent refuses .part files.
+        sftp.put(str(pkg), remote_part, confirm=True)
+        sftp.posix_rename(remote_part, remote_pkg)
+        command = f"{opts.agent_command} install {shlex.quote(remote_pkg)} --json"
+        if opts.store:
+            command += f" --store {shlex.quote(opts.store)}"
+        say("installing")
+        status, stdout, stderr = _run(client, command, config.SSH_INSTALL_SEC)
+        answer = _parse_answer(status, stdout, stderr, opts.agent_command)
+        result.install = answer
+        check = answer.get("self_check") or {}
+        result.self_check_ok = check.get("ok")
+        result.p50_ms = check.get("p50_ms")
+        result.max_abs_err = check.get("max_abs_err")
+        result.rolled_back = bool(answer.get("rolled_back"))
+        if answer.get("ok"):
+            result.ok = True
+            result.slot = answer.get("slot")
+            result.current = answer.get("slot")
+            result.model_name = answer.get("model_name")
+            result.notes.extend(answer.get("warnings") or [])
+        else:
+            result.current = answer.get("current")
+            result.error = str(answer.get("error") or f"install failed (exit {status})")
+    except EdgetuneError as err:
+        result.error = str(err)
+    except (paramiko.SSHException, OSError, EOFError) as err:
+        result.error = f"SSH transfer failed ({err}): check the board's disk space and connection, then flash again"
+    finally:
+        if sftp is not None:
+            for path in (remote_pkg, remote_part):
+                try:
+                    sftp.remove(path)
+                except (OSError, paramiko.SSHException):
+                    pass
+            sftp.close()
+        if client is not None:
+            client.close()
+        result.seconds = round(time.monotonic() - start, 3)
+    say("done" if result.ok else f"failed: {result.error}")
+    return result
+
+
+def flash(
+    pkg: str | os.PathLike[str],
+    targets: list[FlashTarget],
+    *,
+    known_hosts: str | os.PathLike[str] | None = None,
+    trust_new_host: bool = False,
+    agent_command: str = DEFAULT_AGENT_COMMAND,
+    store: str | None = None,
+    remote_dir: str = DEFAULT_REMOTE_DIR,
+    on_progress: Callable[[str, str], None] | None = None,
+) -> list[FlashResult]:
+    """Install ``pkg`` on every target, in parallel; one :class:`FlashResult` per target, in order.
+
+    Deadlines: ``SSH_CONNECT_SEC`` for connecting and each upload step, ``SSH_INSTALL_SEC`` for the
+    agent's install. ``on_progress(board name, message)`` reports steps. Raises :class:`EdgetuneError`
+    only for problems that concern every board (no targets, not a package); a board's own failure is
+    in its result.
+    """
+    path = Path(pkg)
+    if not targets:
+        raise EdgetuneError("no board to flash: pass --host HOST, --device NAME or --key KEY")
+    if not path.is_file():
+        raise EdgetuneError(f"package {path} not found: make one with `edgetune package OUT --log DIR -o {path}`")
+    read_package_manifest(path)  # refuse a non-package here rather than on every board
+    opts = _Options(
+        known=_KnownHosts(Path(known_hosts or DEFAULT_KNOWN_HOSTS).expanduser(), trust_new_host),
+        agent_command=agent_command,
+        store=store,
+        remote_dir=remote_dir,
+        progress=on_progress or (lambda _name, _msg: None),
+    )
+    size = path.stat().st_size
+    with ThreadPoolExecutor(max_workers=min(len(targets), MAX_PARALLEL), thread_name_prefix="flash") as pool:
+        futures = [pool.submit(_flash_one, path, size, target, opts) for target in targets]
+        return [f.result() for f in futures]

@@ -1,0 +1,56 @@
+"""Fixtures shared by every test: real peers on loopback, cleaned up by PID in ``finally``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# mDNS on loopback only (multicast works there), so tests never touch the LAN.
+os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
+os.environ.pop("EDGETUNE_TRACKER", None)
+
+SHARED_MODELS = Path(__file__).resolve().parent.parent.parent / "shared" / "models"
+HOST_TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2}
+
+
+@pytest.fixture
+def peers(tmp_path):
+    """Start peers through this list; all are stopped (with their children) at the end."""
+    from tests import peers as peers_mod
+
+    started: list = []
+
+    class Peers:
+        log_dir = tmp_path / "peers"
+
+        def tracker(self, **kw):
+            peer = peers_mod.start_tracker(self.log_dir, **kw)
+            started.append(peer)
+            return peer
+
+        def agent(self, key, name, tracker, **kw):
+            store = kw.pop("store", tmp_path / f"store-{name}")
+            peer = peers_mod.start_agent(self.log_dir, key, name, tracker, store, **kw)
+            started.append(peer)
+            return peer
+
+        def stock_server(self, key, tracker, **kw):
+            peer = peers_mod.start_stock_server(self.log_dir, key, tracker, **kw)
+            started.append(peer)
+            return peer
+
+    try:
+        yield Peers()
+    finally:
+        for peer in reversed(started):
+            peer.stop()
+
+
+@pytest.fixture(scope="session")
+def host_target():
+    """The TVM target this machine's own probe proposes (the host CPU as a board)."""
+    from device_agent.probe import read_profile
+
+    return read_profile().target

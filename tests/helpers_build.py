@@ -1,0 +1,146 @@
+"""Build directories (what `edgetune build -o OUT` writes) made quickly for tests.
+
+The bundled tiny CNN is imported with TVM's ONNX frontend and compiled natively for this machine
+(about 2 s, once per process); its expected output comes from ONNX Runtime, as in a real build.
+
+    out = make_build_dir(tmp_path / "out")
+    log = make_log_dir(tmp_path / "log")
+    package(out, log, tmp_path / "model.etpkg", key_path=...)
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CNN = REPO / "host" / "data" / "tiny_cnn.onnx"
+if not TINY_CNN.is_file():
+    TINY_CNN = REPO.parent / "shared" / "models" / "tiny_cnn.onnx"
+
+_cache: dict[str, Path] = {}
+_cache_dir: Path | None = None
+
+
+def native_target() -> dict[str, Any]:
+    """A TVM target this machine runs: x86_64 with the newest CPU level its flags allow."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    mcpu = "znver4" if "avx512f" in flags else ("x86-64-v3" if "avx2" in flags else "x86-64")
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": 2}
+
+
+def _scratch() -> Path:
+    global _cache_dir
+    if _cache_dir is None:
+        _cache_dir = Path(tempfile.mkdtemp(prefix="edgetune-test-build-"))
+        atexit.register(shutil.rmtree, _cache_dir, True)
+    return _cache_dir
+
+
+def compiled_model(target: dict[str, Any] | None = None) -> Path:
+    """``model.so`` of the tiny CNN for ``target`` (default :func:`native_target`), compiled once per process."""
+    import onnx
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = target or native_target()
+    cache_key = json.dumps(target, sort_keys=True)
+    if cache_key not in _cache:
+        mod = from_onnx(onnx.load(str(TINY_CNN)), keep_params_in_input=False)
+        executable = tvm.compile(mod, target=tvm.target.Target(target))
+        path = _scratch() / f"model-{len(_cache)}.so"
+        executable.export_library(str(path))
+        _cache[cache_key] = path
+    return _cache[cache_key]
+
+
+def reference_io(seed: int = 0) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """A reference input of the tiny CNN and ONNX Runtime's outputs for it."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(TINY_CNN), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in i.shape]
+        inputs[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return inputs, session.run(None, inputs)
+
+
+def make_build_dir(
+    out: Path,
+    *,
+    target: dict[str, Any] | None = None,
+    declared_target: dict[str, Any] | None = None,
+    board: dict[str, Any] | None = None,
+    key: str = "test-board",
+    alter_expected: bool = False,
+) -> Path:
+    """Write a build directory for the tiny CNN compiled for ``target``.
+
+    ``declared_target`` is written to build.json instead of the real one (a package that claims another
+    board, for compatibility checks). ``alter_expected`` shifts the expected output so the board's
+    self-check fails.
+    """
+    import tvm
+
+    target = target or native_target()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reference").mkdir(exist_ok=True)
+    shutil.copyfile(compiled_model(target), out / "model.so")
+    inputs, outputs = reference_io()
+    if alter_expected:
+        outputs = [o + 1.0 for o in outputs]
+    np.savez(out / "reference" / "input.npz", **inputs)
+    np.savez(out / "reference" / "output.npz", **{f"output_{i}": o for i, o in enumerate(outputs)})
+    build = {
+        "format": 1,
+        "model": {"name": "tiny_cnn", "sha256": "0" * 64},
+        "key": key,
+        "target": declared_target or target,
+        "board": board,
+        "tvm_version": tvm.__version__,
+        "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in inputs.items()],
+        "outputs": [{"name": f"output_{i}", "shape": list(o.shape), "dtype": str(o.dtype)} for i, o in enumerate(outputs)],
+        "coverage": {"tuned": 0, "fallback": 7},
+        "estimated_latency_ms": 1.5,
+    }
+    (out / "build.json").write_text(json.dumps(build, indent=1))
+    return out
+
+
+def make_log_dir(path: Path) -> Path:
+    """A small tuning log directory with the files `edgetune tune` writes."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "database_workload.json").write_text('["fake-workload"]\n')
+    (path / "database_tuning_record.json").write_text('[0, [[], [], [0.001]]]\n')
+    (path / "session.json").write_text(json.dumps({"trials": 0}) + "\n")
+    return path
+
+
+def board_features() -> list[str]:
+    """This machine's CPU flags (what a board profile lists as features)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return sorted(set(line.split(":", 1)[1].split()))
+    return []
+
+
+def this_board_profile() -> dict[str, Any]:
+    """A board profile dict for this machine."""
+    import platform
+
+    return {"arch": platform.machine(), "cpu": "this CPU", "features": board_features(), "os": "linux"}
