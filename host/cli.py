@@ -79,6 +79,9 @@ def cli(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # MetaSchedule prints its scheduler's progress to stdout at INFO; edgetune draws its own progress
+    # and MetaSchedule keeps writing everything to the log folder's logs/ files. -v shows it too.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main() -> None:

@@ -297,6 +297,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
     from tvm.s_tir import meta_schedule as ms
 
     from .builder import WarmBuilder
+    from .intrinsics import cpu_intrinsics_only
     from .runner import BoardRunner, SessionStop
     from .strategy import Budget, BudgetedStrategy
 
@@ -369,12 +370,13 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
           "budget": options.trials, "done": done_before, "boards": boards, "resumed": done_before > 0,
           "log": str(log.path)})
 
+    cpu_intrinsics_only()
     tvm_target = tvm.target.Target(target)
     database = log.database()
     budget = Budget(remaining, options.early_stopping)
     extracted = [t.extracted for t in tasks]
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted, str(log.path / "logs"), space="post-order-apply",
+        extracted, str(log.path), space="post-order-apply",
         strategy=BudgetedStrategy(options.strategy, budget),
         num_threads=max(1, os.cpu_count() or 1), seed=options.seed,
     )
@@ -409,9 +411,10 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
                                runner, progress, budget)
             cost_info["replayed_seed_best"] = replayed
         if budget.remaining > 0:
-            per_iter = max(4, min(32, budget.remaining // max(1, len(tasks))))
+            # Small budgets: a few trials for every task rather than many for the first few.
+            per_iter = max(2, min(32, budget.remaining // max(1, len(tasks))))
             ms.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(log.path / "logs"),
+                tasks=contexts, task_weights=weights, work_dir=str(log.path),
                 max_trials_global=budget.remaining, max_trials_per_task=budget.remaining,
                 num_trials_per_iter=per_iter, builder=builder, runner=runner, database=database,
                 cost_model=cost_model,

@@ -41,8 +41,8 @@ class Budget:
 def make_inner(strategy: str) -> SearchStrategy:
     if strategy == "xgb":
         # A smaller population than MetaSchedule's 512 keeps the search step short on 2-core hosts;
-        # the cost model still ranks thousands of mutants per batch.
-        return EvolutionarySearch(population_size=256, init_min_unmeasured=32)
+        # the cost model still ranks hundreds of mutants per batch.
+        return EvolutionarySearch(population_size=128, init_min_unmeasured=32)
     if strategy == "random":
         return ReplayTrace()
     raise ValueError(strategy)
