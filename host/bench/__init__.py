@@ -1,0 +1,1 @@
+"""On-board latency of a model: tuned against untuned, through the tracker."""

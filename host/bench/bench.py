@@ -1,0 +1,205 @@
+"""``edgetune bench``: on-board latency, tuned against untuned (TVM's default build) in the same run.
+
+Both builds are uploaded to a board of the key through the tracker and timed there with TVM's own
+time evaluator: warm-up runs, then ``runs`` single timed runs, giving p50/p90/p99 and the mean, plus
+the first-load time (upload excluded: load + VM set-up + first run). The board's output is checked
+against ONNX Runtime's on the workstation for the same input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import config
+from ..errors import EdgetuneError
+from ..models.onnx_import import load_onnx
+from ..toolchain import check_target, toolchain_for
+from ..tracker.client import TrackerAddr, request_session
+
+logger = logging.getLogger(__name__)
+
+WARMUP_RUNS = 3
+
+
+@dataclass
+class Timing:
+    label: str
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    first_load_ms: float
+    max_abs_err: float | None
+    board: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class BenchResult:
+    model: str
+    key: str
+    target: dict[str, Any]
+    tuned: Timing | None
+    untuned: Timing | None
+    speedup: float | None = None  # untuned p50 / tuned p50
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "key": self.key, "target": self.target,
+                "tuned": self.tuned.as_dict() if self.tuned else None,
+                "untuned": self.untuned.as_dict() if self.untuned else None,
+                "speedup": round(self.speedup, 3) if self.speedup else None, "notes": self.notes}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype="float64"), q))
+
+
+def time_on_board(tracker: TrackerAddr, key: str, module_path: Path, inputs: list[np.ndarray],
+                  expected: list[np.ndarray] | None, runs: int, label: str,
+                  deadline_sec: float | None = None) -> Timing:
+    """Upload ``module_path`` to a free board of ``key`` and time it. Raises :class:`EdgetuneError`."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from ..build.build import flatten_outputs
+
+    wait = config.NO_BOARD_DEADLINE_SEC if deadline_sec is None else deadline_sec
+    session, board = request_session(tracker, key, config.BENCH_SESSION_SEC, time.monotonic() + wait)
+    remote_name = f"bench-{label}-{os.getpid()}.so"
+    try:
+        session.upload(str(module_path), remote_name)
+        dev = session.cpu()
+        start = time.perf_counter()
+        rlib = session.load_module(remote_name)
+        vm = VirtualMachine(rlib, dev)
+        args = [tvm.runtime.tensor(a, dev) for a in inputs]
+        out = vm["main"](*args)
+        outputs = flatten_outputs(out)
+        first_load_ms = (time.perf_counter() - start) * 1000
+        err = None
+        if expected is not None:
+            err = max(float(np.max(np.abs(o.astype("float64") - e.astype("float64")))) for o, e in zip(outputs, expected))
+        vm.set_input("main", *args)
+        for _ in range(WARMUP_RUNS):
+            vm.invoke_stateful("main")
+        timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=runs)
+        secs = [float(s) for s in timer("main").results]
+    except EdgetuneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - anything the board raises: one line
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        raise EdgetuneError(f"benchmark of the {label} build on board {board} failed: "
+                            f"{(lines[-1] if lines else type(err).__name__)[:300]}") from None
+    finally:
+        try:
+            session.remove(remote_name)
+        except Exception:  # noqa: BLE001 - the session may be gone
+            pass
+    ms = [s * 1000 for s in secs]
+    return Timing(label, len(ms), percentile(ms, 50), percentile(ms, 90), percentile(ms, 99),
+                  float(np.mean(ms)), first_load_ms, err, board)
+
+
+def _untuned_build(model, target: dict[str, Any], path: Path) -> None:
+    """TVM's default build: ``tvm.compile`` with no schedules (what a user gets without tuning)."""
+    import tvm
+
+    executable = tvm.compile(model.mod, target=tvm.target.Target(target))
+    executable.export_library(str(path), fcompile=toolchain_for(target).fcompile())
+
+
+def _unpack_package(pkg: Path, into: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        with tarfile.open(pkg) as tar:
+            manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+            model = tar.getmember("model.so")
+            if not model.isfile():
+                raise EdgetuneError(f"{pkg}: model.so is not a file")
+            with open(into / "model.so", "wb") as out:
+                out.write(tar.extractfile(model).read())  # type: ignore[union-attr]
+            for name in ("reference/input.npz", "reference/output.npz"):
+                member = tar.getmember(name)
+                (into / name).parent.mkdir(exist_ok=True)
+                (into / name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    except (tarfile.TarError, KeyError, OSError, ValueError) as err:
+        raise EdgetuneError(f"{pkg} is not an edgetune package ({err}): make one with `edgetune package`") from None
+    return manifest
+
+
+def bench(model_or_pkg: str, key: str, tracker: TrackerAddr, log_dir: str | None = None,
+          model: str | None = None, target: dict[str, Any] | None = None, runs: int = 50,
+          input_shapes: dict[str, tuple[int, ...]] | None = None,
+          on_progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Benchmark a model (tuned = built with ``log_dir``) or a package (tuned = its module; untuned
+    needs the ONNX ``model``) on a board of ``key``. Raises :class:`EdgetuneError`."""
+    from ..build.build import build as run_build
+    from ..logs.tuninglog import TuningLog
+
+    say = on_progress or (lambda message: None)
+    if runs < 1:
+        raise EdgetuneError("--runs must be at least 1")
+    work = Path(tempfile.mkdtemp(prefix="edgetune-bench-"))
+    notes: list[str] = []
+    try:
+        is_package = Path(model_or_pkg).is_file() and tarfile.is_tarfile(model_or_pkg)
+        if is_package:
+            manifest = _unpack_package(Path(model_or_pkg), work)
+            target = manifest["target"]
+            tuned_path: Path | None = work / "model.so"
+            ref_in = np.load(work / "reference/input.npz")
+            ref_out = np.load(work / "reference/output.npz")
+            input_names = [i["name"] for i in manifest["inputs"]]
+            inputs = [ref_in[n] for n in input_names]
+            expected = [ref_out[f"output_{i}"] for i in range(len(ref_out.files))]
+            onnx_model = load_onnx(model, input_shapes) if model else None
+            name = manifest.get("model_name") or (manifest.get("model") or {}).get("name") or Path(model_or_pkg).stem
+            if onnx_model is None:
+                notes.append("untuned build skipped: pass --model MODEL.onnx to compare with TVM's default build")
+        else:
+            onnx_model = load_onnx(model_or_pkg, input_shapes)
+            name = onnx_model.name
+            if target is None and log_dir:
+                target = TuningLog.open(log_dir).session.get("target")
+            if target is None:
+                raise EdgetuneError("no target: pass --log DIR (the tuning log knows its target) or --target JSON")
+            tuned_path = None
+            if log_dir:
+                say("building the tuned model")
+                run_build(model_or_pkg, key, work / "tuned", log_dir, target, input_shapes=input_shapes)
+                tuned_path = work / "tuned" / "model.so"
+            else:
+                notes.append("tuned build skipped: pass --log DIR to compare the tuned model")
+            from ..build.build import reference_io
+
+            ref_inputs, expected = reference_io(onnx_model)
+            inputs = [ref_inputs[s.name] for s in onnx_model.inputs]
+        check_target(target)
+        tuned = untuned = None
+        if tuned_path is not None:
+            say("timing the tuned build on the board")
+            tuned = time_on_board(tracker, key, tuned_path, inputs, expected, runs, "tuned")
+        if onnx_model is not None:
+            say("building and timing the untuned (default) build")
+            _untuned_build(onnx_model, target, work / "untuned.so")
+            untuned = time_on_board(tracker, key, work / "untuned.so", inputs, expected, runs, "untuned")
+        speedup = untuned.p50_ms / tuned.p50_ms if (tuned and untuned and tuned.p50_ms > 0) else None
+        return BenchResult(name, key, target, tuned, untuned, speedup, notes)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)

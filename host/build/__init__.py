@@ -1,0 +1,1 @@
+"""Compiling a model for a board with its tuning log applied."""

@@ -1,0 +1,278 @@
+"""``edgetune build``: compile the whole model for a board, applying the tuning log.
+
+Tuned kernels take their best record from the log. A kernel the log has no successful record for
+falls back to a schedule from MetaSchedule's own design space for the target (multi-level tiling,
+parallel outer loops, vectorized inner loops, unrolling), checked by MetaSchedule's postprocessors:
+a sensible schedule, never the naive loop nest ``tvm.compile`` gives an unscheduled kernel.
+
+The output folder holds what ``edgetune package`` ships:
+
+```
+OUT/model.so               Relax VM executable linked with the board's toolchain
+OUT/build.json             model, key, target, board, inputs/outputs, coverage, tuning-time latency
+OUT/reference/input.npz    a seeded random input
+OUT/reference/output.npz   ONNX Runtime's output for it on the workstation (what the board must match)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from device_agent.schema import target_to_json
+
+from ..errors import EdgetuneError
+from ..logs.tuninglog import TuningLog, write_json_atomic
+from ..models.onnx_import import Model, load_onnx
+from ..toolchain import check_target, toolchain_for
+from ..tuning.tasks import Task, extract_tasks, workload_key
+
+logger = logging.getLogger(__name__)
+
+# Cost written on fallback records: far above any measurement, so a tuned record always wins.
+FALLBACK_RUN_SECS = 1e6
+REFERENCE_SEED = 20240
+
+
+@dataclass
+class TaskCoverage:
+    index: int
+    name: str
+    weight: int
+    flops: float
+    tuned: bool
+    best_us: float | None
+    trials: int
+    flops_share: float  # share of the model's FLOPs (weight x FLOPs) this kernel carries
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "weight": self.weight, "flops": self.flops,
+                "tuned": self.tuned, "best_us": self.best_us, "trials": self.trials,
+                "flops_share": round(self.flops_share, 6)}
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    model: str
+    key: str
+    target: dict[str, Any]
+    coverage: list[TaskCoverage]
+    estimated_latency_ms: float | None
+    host_check: dict[str, Any] | None
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def tuned_share(self) -> float:
+        return sum(c.flops_share for c in self.coverage if c.tuned)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir), "model": self.model, "key": self.key, "target": self.target,
+            "tasks": len(self.coverage), "tuned": sum(1 for c in self.coverage if c.tuned),
+            "fallback": sum(1 for c in self.coverage if not c.tuned), "tuned_flops_share": round(self.tuned_share, 6),
+            "estimated_latency_ms": self.estimated_latency_ms, "host_check": self.host_check,
+            "coverage": [c.as_dict() for c in self.coverage], "files": self.files,
+        }
+
+
+def _mean(run_secs) -> float | None:
+    if run_secs is None:
+        return None
+    values = [float(s) for s in run_secs]
+    if not values or min(values) >= 1e5:
+        return None
+    return sum(values) / len(values)
+
+
+def tuned_records(db, tasks: list[Task]) -> dict[int, tuple[float, int]]:
+    """task index -> (best seconds, trials) for tasks with at least one successful record."""
+    by_hash = {t.workload_hash: t.index for t in tasks}
+    best: dict[int, tuple[float, int]] = {}
+    counts: dict[int, int] = {}
+    for record in db.get_all_tuning_records():
+        idx = by_hash.get(workload_key(record.workload.mod))
+        if idx is None:
+            continue
+        counts[idx] = counts.get(idx, 0) + 1
+        latency = _mean(record.run_secs)
+        if latency is not None and (idx not in best or latency < best[idx][0]):
+            best[idx] = (latency, 0)
+    return {idx: (lat, counts[idx]) for idx, (lat, _) in best.items()}
+
+
+def fallback_database(tasks: list[Task], target, seed: int = 0):
+    """A MemoryDatabase with one default schedule per task: MetaSchedule's design space for the
+    target with its decisions sampled (seeded), accepted only if every postprocessor passes."""
+    from tvm.s_tir import meta_schedule as ms
+
+    db = ms.database.MemoryDatabase()
+    for task in tasks:
+        mod = task.extracted.dispatched[0]
+        chosen = None
+        for attempt in range(8):
+            ctx = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply",
+                                 search_strategy="replay-trace", task_name=task.name, rand_state=seed + attempt + 1)
+            for sch in ctx.generate_design_space():
+                if all(p.apply(sch) for p in ctx.space_generator.postprocs):
+                    chosen = sch
+                    break
+            if chosen is not None:
+                break
+        if chosen is None:
+            logger.warning("no default schedule for %s: it builds unscheduled", task.name)
+            continue
+        workload = db.commit_workload(mod)
+        func = next(iter(mod.functions.values()))
+        db.commit_tuning_record(ms.database.TuningRecord(
+            chosen.trace, workload, [FALLBACK_RUN_SECS], target, ms.arg_info.ArgInfo.from_prim_func(func),
+        ))
+    return db
+
+
+def reference_io(model: Model) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """A seeded random input and ONNX Runtime's outputs for it (the board must match these)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(REFERENCE_SEED)
+    inputs = {}
+    for spec in model.inputs:
+        if spec.dtype.startswith("float"):
+            inputs[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+        else:
+            inputs[spec.name] = rng.integers(0, 10, size=spec.shape).astype(spec.dtype)
+    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, inputs)
+    return inputs, [np.asarray(o) for o in outputs]
+
+
+def _host_can_run(target: dict[str, Any]) -> bool:
+    arch = str(target.get("mtriple", "")).split("-")[0]
+    return arch == {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower()) \
+        and "android" not in str(target.get("mtriple", ""))
+
+
+def run_module(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Run an exported Relax VM module on this machine's CPU."""
+    import tvm
+    from tvm import relax
+
+    lib = tvm.runtime.load_module(str(path))
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
+    return flatten_outputs(out)
+
+
+def flatten_outputs(out) -> list[np.ndarray]:
+    if hasattr(out, "numpy"):
+        return [out.numpy()]
+    return [o.numpy() for o in out]
+
+
+def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = None,
+          target: dict[str, Any] | None = None, board: dict[str, Any] | None = None,
+          input_shapes: dict[str, tuple[int, ...]] | None = None,
+          on_progress: Callable[[str], None] | None = None) -> BuildResult:
+    """Compile ``model_path`` for ``target`` with the tuning log applied and write OUT.
+
+    The target comes from ``target``, else the log's session. Raises :class:`EdgetuneError` for a log
+    of another model or target, a missing toolchain, or a model that does not import.
+    """
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from ..tuning.intrinsics import cpu_intrinsics_only
+
+    say = on_progress or (lambda message: None)
+    model = load_onnx(model_path, input_shapes)
+    log = TuningLog.open(log_dir) if log_dir else None
+    if target is None and log is not None:
+        target, board = log.session.get("target"), board or log.session.get("board")
+    if target is None:
+        raise EdgetuneError("no target: pass --log DIR (the tuning log knows its target) or --target JSON")
+    check_target(target)
+    if log is not None:
+        log.check_compatible(model.sha256, target)
+    toolchain = toolchain_for(target)
+    cpu_intrinsics_only()
+    tvm_target = tvm.target.Target(target)
+
+    say("extracting tasks")
+    tasks = extract_tasks(model.mod, target)
+    tuned_db = log.database() if log is not None else ms.database.MemoryDatabase()
+    tuned = tuned_records(tuned_db, tasks)
+    say(f"{len(tuned)} of {len(tasks)} tasks tuned; default schedules for the rest")
+    fallback = fallback_database([t for t in tasks if t.index not in tuned], tvm_target)
+    database = ms.database.OrderedUnionDatabase(tuned_db, fallback)
+
+    total_flops = sum(t.flops * t.weight for t in tasks) or 1.0
+    coverage = [TaskCoverage(t.index, t.name, t.weight, t.flops, t.index in tuned,
+                             tuned[t.index][0] * 1e6 if t.index in tuned else None,
+                             tuned.get(t.index, (0.0, 0))[1], t.flops * t.weight / total_flops) for t in tasks]
+    estimated = None
+    if all(c.tuned for c in coverage):
+        estimated = sum(c.weight * (c.best_us or 0.0) for c in coverage) / 1000.0
+
+    say("compiling the model")
+    try:
+        executable = ms.relax_integration.compile_relax(database, model.mod, tvm_target, params=None)
+    except Exception as err:  # noqa: BLE001 - report TVM's failure in one line
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        raise EdgetuneError(f"compiling {model.name} failed: {(lines[-1] if lines else type(err).__name__)[:300]}") from None
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
+    try:
+        say(f"linking with {toolchain.compiler}")
+        executable.export_library(str(staging / "model.so"), fcompile=toolchain.fcompile())
+        inputs, outputs = reference_io(model)
+        (staging / "reference").mkdir()
+        np.savez(staging / "reference" / "input.npz", **inputs)
+        np.savez(staging / "reference" / "output.npz", **{f"output_{i}": o for i, o in enumerate(outputs)})
+        host_check = None
+        if _host_can_run(target):
+            got = run_module(staging / "model.so", [inputs[s.name] for s in model.inputs])
+            err = max(float(np.max(np.abs(g.astype("float64") - e.astype("float64")))) for g, e in zip(got, outputs))
+            host_check = {"ran_on": "workstation", "max_abs_err": err}
+        info = {
+            "format": 1,
+            "model": {"name": model.name, "sha256": model.sha256},
+            "key": key, "target": target, "board": board, "tvm_version": tvm.__version__,
+            "inputs": [s.as_dict() for s in model.inputs], "outputs": [s.as_dict() for s in model.outputs],
+            "coverage": {"tasks": [c.as_dict() for c in coverage], "tuned": sum(1 for c in coverage if c.tuned),
+                         "fallback": sum(1 for c in coverage if not c.tuned),
+                         "tuned_flops_share": sum(c.flops_share for c in coverage if c.tuned),
+                         "log": str(Path(log_dir).resolve()) if log_dir else None},
+            "estimated_latency_ms": estimated, "toolchain": toolchain.compiler, "host_check": host_check,
+        }
+        write_json_atomic(staging / "build.json", info)
+        # Replace OUT's files only now that everything is written.
+        for name in ("model.so", "build.json"):
+            os.replace(staging / name, out_dir / name)
+        if (out_dir / "reference").exists():
+            shutil.rmtree(out_dir / "reference")
+        os.replace(staging / "reference", out_dir / "reference")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"wrote {out_dir} for {target_to_json(target)}")
+    return BuildResult(out_dir, model.name, key, target, coverage, estimated, host_check,
+                       ["model.so", "build.json", "reference/input.npz", "reference/output.npz"])
+
+
+def read_build(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / "build.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EdgetuneError(f"{out_dir} is not a build folder (no build.json): run `edgetune build` first") from None

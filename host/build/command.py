@@ -1,0 +1,61 @@
+"""``edgetune build``."""
+
+from __future__ import annotations
+
+import click
+
+from ..cliutil import emit, json_option, table
+
+
+@click.command()
+@click.argument("model")
+@click.option("--device", "key", required=True, help="Device key of the board the build is for.")
+@click.option("--log", "log_dir", type=click.Path(file_okay=False, exists=True),
+              help="Tuning log to apply (without it every kernel gets its default schedule).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--target", "target_json", metavar="JSON", help="TVM target (default: the log's, else the board's agent).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDxD",
+              help="Static shape of an input the model leaves symbolic (repeatable).")
+@json_option
+def build(model: str, key: str, log_dir: str | None, out_dir: str, target_json: str | None,
+          input_shapes: tuple[str, ...], as_json: bool) -> None:
+    """Compile a model for a board with its tuning log applied; report what was tuned.
+
+    \b
+    Example:
+      edgetune build model.onnx --device rpi4 --log runs/rpi4 -o out/rpi4
+    """
+    from ..models.onnx_import import parse_input_shapes
+    from ..toolchain import parse_target
+    from .build import build as run_build
+
+    target, board = None, None
+    if target_json:
+        target = parse_target(target_json)
+    elif not log_dir:
+        from ..tuning.session import resolve_board_target
+
+        found = resolve_board_target(key)
+        if found is None:
+            from ..errors import EdgetuneError
+
+            raise EdgetuneError(f"no target for key {key!r}: pass --log DIR or --target JSON, or start its agent")
+        target, board = found
+    result = run_build(model, key, out_dir, log_dir, target, board, parse_input_shapes(input_shapes),
+                       on_progress=None if as_json else (lambda m: click.echo(m, err=True)))
+
+    def render(r) -> str:
+        rows = [[c.index, c.name, c.weight, "tuned" if c.tuned else "fallback",
+                 f"{c.best_us:.1f}" if c.best_us is not None else "-", c.trials, f"{100 * c.flops_share:.1f}%"]
+                for c in r.coverage]
+        text = table(rows, ["#", "TASK", "WEIGHT", "SCHEDULE", "BEST us", "TRIALS", "FLOPS SHARE"])
+        tuned = sum(1 for c in r.coverage if c.tuned)
+        text += (f"\n\n{tuned}/{len(r.coverage)} tasks tuned, covering {100 * r.tuned_share:.1f}% of the model's FLOPs; "
+                 f"the rest use MetaSchedule's default schedule for the target.")
+        if r.estimated_latency_ms is not None:
+            text += f"\nestimated latency from the log: {r.estimated_latency_ms:.3f} ms"
+        if r.host_check:
+            text += f"\nran here, max abs error against ONNX Runtime: {r.host_check['max_abs_err']:.2e}"
+        return text + f"\nwrote {r.out_dir}/model.so, build.json, reference/"
+
+    emit(result, as_json, render)
