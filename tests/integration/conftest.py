@@ -1,0 +1,46 @@
+"""A tracker and an agent shared by the tuning, build and bench tests, and one 16-trial tuning log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests import peers as peers_mod
+from tests.peers import EDGETUNE, run_cli
+
+KEY = "x86host"
+
+
+@pytest.fixture(scope="session")
+def tuning_bed(tmp_path_factory):
+    """A tracker and one agent (this machine as a board) for the whole test session."""
+    base = tmp_path_factory.mktemp("bed")
+    tracker = peers_mod.start_tracker(base / "peers")
+    agent = None
+    try:
+        agent = peers_mod.start_agent(base / "peers", KEY, "bench-board", f"127.0.0.1:{tracker.port}", base / "store")
+        peers_mod.wait_registered(tracker.port, KEY)
+        yield {"tracker": f"127.0.0.1:{tracker.port}", "tracker_port": tracker.port, "key": KEY, "agent": agent,
+               "base": base}
+    finally:
+        if agent is not None:
+            agent.stop()
+        tracker.stop()
+
+
+def tune_cli(tracker: str, key: str, log_dir: Path, trials: int, *extra: str, model: str = "tiny_cnn",
+             timeout: float = 900):
+    return run_cli([EDGETUNE, "tune", model, "--device", key, "--trials", str(trials), "--log", str(log_dir),
+                    "--tracker", tracker, "--seed", "1", *extra], timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cold_log(tuning_bed):
+    """A finished 16-trial session of tiny_cnn on the shared agent."""
+    log_dir = tuning_bed["base"] / "cold-log"
+    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 16, "--json")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return {"dir": log_dir, "events": events}

@@ -1,0 +1,222 @@
+"""Tuning sessions against real agents through a real tracker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.integration.conftest import tune_cli
+from tests.peers import EDGETUNE, free_port, peer_env, run_cli, wait_for, wait_registered
+
+
+def records_of(log_dir: Path) -> list:
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+    db = JSONDatabase(str(log_dir / "database_workload.json"), str(log_dir / "database_tuning_record.json"),
+                      allow_missing=False)
+    return list(db.get_all_tuning_records())
+
+
+def history_of(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "history.jsonl").read_text().splitlines() if line.strip()]
+
+
+def session_of(log_dir: Path) -> dict:
+    return json.loads((log_dir / "session.json").read_text())
+
+
+def unique_records(records) -> int:
+    import tvm_ffi
+
+    return len({(tvm_ffi.structural_hash(r.workload.mod), str(r.trace)) for r in records})
+
+
+def test_tune_writes_stock_database_and_log_show_lists_every_task(cold_log):
+    log_dir = cold_log["dir"]
+    records = records_of(log_dir)
+    assert len(records) == 16
+    assert unique_records(records) == 16
+    assert sum(1 for r in records if r.run_secs is not None) >= 12  # measured, not just recorded
+
+    session = session_of(log_dir)
+    assert session["status"] == "completed" and session["trials_done"] == 16
+    assert session["target"]["mtriple"] == "x86_64-linux-gnu"
+    assert len(session["model"]["sha256"]) == 64
+    history = history_of(log_dir)
+    assert [h["trial"] for h in history] == list(range(1, 17))
+    assert all(h["board"] and h["board"].startswith("127.0.0.1:") for h in history)
+
+    events = cold_log["events"]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end"
+    progress = [e for e in events if e["event"] == "trials"]
+    assert progress and progress[-1]["done"] == 16 and progress[-1]["budget"] == 16
+
+    out = run_cli([EDGETUNE, "log", "show", str(log_dir), "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    names = {t["name"] for t in shown["tasks"]}
+    assert names == {t["name"] for t in session["tasks"]}
+    tuned = [t for t in shown["tasks"] if t["best_us"] is not None]
+    assert tuned and all(t["gflops"] and t["gflops"] > 0 for t in tuned if t["flops"])
+    conv = next(t for t in tuned if t["name"].startswith("fused_conv2d"))
+    assert any("tile" in line for line in conv["decisions"])
+
+
+def test_two_agents_under_one_key_both_measure(peers, tmp_path):
+    tracker = peers.tracker()
+    addr = f"127.0.0.1:{tracker.port}"
+    a = peers.agent("pair", "pair-a", addr)
+    b = peers.agent("pair", "pair-b", addr)
+    wait_registered(tracker.port, "pair", count=2)
+    out = tune_cli(addr, "pair", tmp_path / "log", 14, "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured_by = session_of(tmp_path / "log")["measured_by"]
+    assert set(measured_by) == {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
+    assert all(count > 0 for count in measured_by.values())
+    for agent in (a, b):
+        assert "session 1 from" in agent.log()
+
+
+def test_sigkill_mid_run_then_resume(tuning_bed, tmp_path):
+    log_dir = tmp_path / "log"
+    argv = [EDGETUNE, "tune", "tiny_cnn", "--device", tuning_bed["key"], "--trials", "24", "--log", str(log_dir),
+            "--tracker", tuning_bed["tracker"], "--seed", "3", "--json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=peer_env(),
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (log_dir / "history.jsonl").exists() and len(history_of(log_dir)) >= 4, 600,
+                 "the first measured trials")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    killed_at = len(records_of(log_dir))
+    assert 4 <= killed_at < 24
+
+    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 24, "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    start = json.loads(out.stdout.splitlines()[0])
+    assert start["resumed"] is True and start["done"] == killed_at
+    records = records_of(log_dir)
+    assert len(records) == 24
+    assert unique_records(records) == 24
+    history = history_of(log_dir)
+    assert len(history) == 24 and len({h["trial"] for h in history}) == 24
+    session = session_of(log_dir)
+    assert [r["status"] for r in session["runs"]] == ["running", "completed"]  # the killed run never closed
+    assert session["cost_model"]["pretrained_on_own"] >= 1
+
+
+def test_board_killed_mid_run_session_continues_on_the_other(peers, tmp_path):
+    tracker = peers.tracker()
+    addr = f"127.0.0.1:{tracker.port}"
+    a = peers.agent("duo", "duo-a", addr)
+    b = peers.agent("duo", "duo-b", addr)
+    wait_registered(tracker.port, "duo", count=2)
+    log_dir = tmp_path / "log"
+    argv = [EDGETUNE, "tune", "tiny_cnn", "--device", "duo", "--trials", "20", "--log", str(log_dir),
+            "--tracker", addr, "--deadline", "30", "--json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=peer_env(),
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (log_dir / "history.jsonl").exists() and len(history_of(log_dir)) >= 2, 600,
+                 "the first measured trials")
+        a.kill()
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert len(records_of(log_dir)) == 20
+    later = [h for h in history_of(log_dir)[4:] if h["latency_us"] is not None]
+    assert later and all(h["board"] == f"127.0.0.1:{b.port}" for h in later[-5:])
+
+
+def test_only_board_killed_stops_with_deadline_and_intact_log(peers, tmp_path):
+    tracker = peers.tracker()
+    addr = f"127.0.0.1:{tracker.port}"
+    agent = peers.agent("solo", "solo-a", addr)
+    wait_registered(tracker.port, "solo")
+    log_dir = tmp_path / "log"
+    argv = [EDGETUNE, "tune", "tiny_cnn", "--device", "solo", "--trials", "200", "--log", str(log_dir),
+            "--tracker", addr, "--deadline", "8"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=peer_env(),
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (log_dir / "history.jsonl").exists() and len(history_of(log_dir)) >= 2, 600,
+                 "the first measured trials")
+        agent.kill()
+        started = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=300)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, stderr[-3000:]
+    assert "no board of key 'solo' was available for 8 s" in stderr
+    assert "run the same command again to resume" in stderr
+    assert "waiting:" in stderr
+    assert "Traceback" not in stderr
+    assert took < 120
+    session = session_of(log_dir)
+    assert session["status"] == "stopped-no-board"
+    records = records_of(log_dir)
+    assert len(records) == session["trials_done"] == len(history_of(log_dir))
+    assert 2 <= len(records) < 200
+
+
+def test_from_log_starts_with_trained_model_and_a_good_first_batch(cold_log, tuning_bed, tmp_path):
+    cold = cold_log["dir"]
+    log_dir = tmp_path / "warm"
+    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 10, "--from-log", str(cold), "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    session = session_of(log_dir)
+    cost = session["cost_model"]
+    assert cost["seeded_from"] == str(cold)
+    assert cost["pretrained_on_seed"] >= 12
+    assert cost["trained_before_first_trial"] is True
+    tasks = len(session["tasks"])
+    assert cost["replayed_seed_best"] == tasks
+
+    # First batch of each session, per task: the seeded one re-measures the cold log's best schedule of
+    # each task, so it must be no worse than what the cold session found first (15% for timing noise).
+    cold_history = history_of(cold)
+    cold_first: dict[int, float] = {}
+    seen: dict[int, int] = {}
+    for h in cold_history:
+        seen[h["task"]] = seen.get(h["task"], 0) + 1
+        if seen[h["task"]] <= 2 and h["latency_us"] is not None:
+            cold_first[h["task"]] = min(cold_first.get(h["task"], float("inf")), h["latency_us"])
+    warm_first = {h["task"]: h["latency_us"] for h in history_of(log_dir)[:tasks] if h["latency_us"] is not None}
+    common = sorted(set(cold_first) & set(warm_first))
+    assert len(common) >= tasks - 1
+    assert sum(warm_first[t] for t in common) <= 1.15 * sum(cold_first[t] for t in common)
+
+
+def test_bad_inputs_give_one_line_errors(tuning_bed, tmp_path):
+    corrupt = tmp_path / "broken.onnx"
+    corrupt.write_bytes(b"\x08\x07this is not a protobuf model" * 10)
+    cases = [
+        (["tune", str(corrupt), "--device", tuning_bed["key"]], "is not a valid ONNX file"),
+        (["tune", "tiny_cnn", "--device", "no-such-key", "--target",
+          '{"kind":"llvm","mtriple":"x86_64-linux-gnu","mcpu":"znver4","num-cores":2}'],
+         "no board is registered under key 'no-such-key'"),
+        (["tune", "tiny_cnn", "--device", tuning_bed["key"], "--tracker", f"127.0.0.1:{free_port()}"],
+         "does not answer"),
+    ]
+    for extra, expected in cases:
+        argv = [EDGETUNE, *extra, "--trials", "4", "--log", str(tmp_path / "bad-log")]
+        if "--tracker" not in extra:
+            argv += ["--tracker", tuning_bed["tracker"]]
+        out = run_cli(argv, timeout=300)
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        assert out.returncode == 1, out.stderr
+        assert len(lines) == 1 and expected in lines[0], out.stderr
+    out = run_cli([EDGETUNE, "tune", "tiny_cnn", "--device", tuning_bed["key"], "--trials", "4", "--log",
+                   str(tmp_path / "bad-log"), "--strategy", "annealing"], timeout=120)
+    assert out.returncode == 2 and "'annealing' is not one of 'xgb', 'random'" in out.stderr
+    # nothing half-made was left behind by the refused runs
+    assert not (tmp_path / "bad-log" / "database_tuning_record.json").exists()
