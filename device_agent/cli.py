@@ -80,7 +80,7 @@ def _parse_tracker(value: str | None) -> tuple[str, int] | None:
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to serve RPC on.")
 @click.option("--port", type=int, default=None, help="RPC port (default: first free in 9090-9199; 0 = any).")
 @click.option("--no-advertise", is_flag=True, help="Do not advertise the board on mDNS.")
-@click.option("--store", type=click.Path(file_okay=False), help="Artifact store (default: /var/lib/edgetune).")
+@click.option("--store", type=click.Path(file_okay=False), help="Artifact store (default: $EDGETUNE_STORE, else /var/lib/edgetune as root, else ~/.local/share/edgetune).")
 def serve(key: str, tracker: str | None, name: str | None, host: str, port: int | None,
           no_advertise: bool, store: str | None) -> None:
     """Serve TVM RPC for tuning, registered with the tracker, and advertise the board.

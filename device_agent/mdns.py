@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -31,6 +32,12 @@ def open_zeroconf() -> Zeroconf:
             return Zeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         return Zeroconf(ip_version=IPVersion.V4Only)
     except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise AgentError(
+                f"mDNS cannot start ({err}): UDP port 5353 is held by another mDNS stack that shares it with "
+                "no one (avahi-daemon with disallow-other-stacks=yes?): allow other stacks, or pass "
+                "--no-advertise and --tracker HOST:PORT"
+            ) from None
         raise AgentError(
             f"mDNS cannot start ({err}): no network interface with multicast is up. "
             "Connect the board to the LAN, or pass --no-advertise and --tracker HOST:PORT"
@@ -57,6 +64,23 @@ def advertised_addresses(bind_host: str) -> list[str]:
         return [a for a in addresses if a in wanted] or wanted
     non_loopback = [a for a in addresses if not ipaddress.ip_address(a).is_loopback]
     return non_loopback or addresses
+
+
+def prefer_reachable(addresses: list[str]) -> str:
+    """Of a service's addresses, the one most likely reachable from here: one of this machine's own,
+    else one on the same /24 as an interface (mDNS caches can mix in another host's addresses)."""
+    if len(addresses) == 1:
+        return addresses[0]
+    wanted = config.mdns_interfaces() or []
+    local = local_ipv4_addresses()
+    for address in addresses:
+        if address in wanted or address in local:
+            return address
+    nets = {ipaddress.ip_network(f"{a}/24", strict=False) for a in (wanted or local)}
+    for address in addresses:
+        if any(ipaddress.ip_address(address) in net for net in nets):
+            return address
+    return addresses[0]
 
 
 class Advertiser:
@@ -124,7 +148,7 @@ class TrackerLocator:
         if not addresses:
             return
         with self._lock:
-            self._found[name] = (addresses[0], int(info.port))
+            self._found[name] = (prefer_reachable(addresses), int(info.port))
             self._latest = name
         self._changed.set()
 

@@ -175,12 +175,9 @@ class RPCAgentServer:
             self._unmatched_since = now
         elif now - self._unmatched_since > config.UNMATCHED_KEY_SEC:
             self._put()
-        # A tracker found by mDNS may have moved: follow it.
-        if self._tracker:
-            addr = self._tracker()
-            if addr is not None and addr != self._tracker_addr:
-                self._on_event(f"tracker moved to {addr[0]}:{addr[1]}")
-                self._close_tracker()
+        # A tracker found by mDNS stays ours while it answers; when it goes away the reconnect asks
+        # mDNS again, so a tracker restarted elsewhere is found (and other trackers on the LAN never
+        # pull a working board away).
 
     # -- sessions ------------------------------------------------------------------------------
     def _handshake(self, conn: socket.socket) -> dict | None:

@@ -83,7 +83,7 @@ def _render(results: list[FlashResult]) -> str:
               help="Accept a board whose host key is unknown and record it in --known-hosts (a changed key is "
                    "still refused).")
 @click.option("--agent-command", default=DEFAULT_AGENT_COMMAND, show_default=True,
-              help="How to run the agent on the boards (e.g. /opt/edgetune/bin/edgetune-agent).")
+              help="How to run the agent on the boards (e.g. /opt/edgetune/venv/bin/edgetune-agent).")
 @click.option("--store", help="The agent's store directory on the boards (default: the agent's).")
 @click.option("--remote-dir", default=DEFAULT_REMOTE_DIR, show_default=True,
               help="Where the package is uploaded on the boards before install (removed afterwards).")

@@ -64,7 +64,7 @@ def keys_init(force: bool, key_path: str | None, as_json: bool) -> None:
     Example:
       edgetune keys init
       scp ~/.config/edgetune/signing_key.pub pi@board:
-      ssh pi@board edgetune-agent trust signing_key.pub
+      ssh root@board edgetune-agent trust signing_key.pub
     """
     info = init_keys(key_path, force=force)
     emit(info, as_json, lambda i: (

@@ -29,7 +29,9 @@ class TrackerAdvertiser:
             addresses=[socket.inet_aton(a) for a in addresses],
             port=port,
             properties={"v": "1", "by": "edgetune"},
-            server=f"{host}.local.",
+            # A host name of its own: two trackers on one machine (or a tracker and an agent) must not
+            # share an mDNS host record, or resolvers mix their addresses.
+            server=f"{host}-tracker-{port}.local.",
         )
         try:
             self._zc.register_service(self.info, allow_name_change=True)

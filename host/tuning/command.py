@@ -166,5 +166,7 @@ def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_lo
             click.echo("measured by: " + ", ".join(f"{b} ({n})" for b, n in sorted(result.measured_by.items())))
     if result.message:
         click.echo(result.message, err=True)
-    if result.status in ("stopped-no-board", "interrupted"):
+    if result.status == "interrupted":
+        sys.exit(130)
+    if result.status == "stopped-no-board":
         sys.exit(3)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +194,7 @@ def resolve_board_target(key: str, timeout: float | None = None) -> tuple[dict[s
     records = [entry.record for entry in seen.values() if entry.record.key == key]
     if not records:
         return None
-    targets = {tuple(sorted(r.target().items(), key=str)) for r in records}
+    targets = {str(sorted(r.target().items(), key=str)) for r in records}  # mattr is a list: compare as text
     if len(targets) > 1:
         logger.warning("boards of key %r advertise different targets; using %s's", key, records[0].name)
     return records[0].target(), records[0].as_dict()
@@ -403,6 +405,16 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
                          on_event=emit, board_log=progress.board_of)
     status, message = "completed", ""
     run_start = time.monotonic()
+    # Ctrl-C usually lands inside MetaSchedule's C++ loop, which hands the KeyboardInterrupt back
+    # wrapped in its own error: remember that it was an interrupt.
+    interrupted = threading.Event()
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        def _on_sigint(signum, frame):
+            interrupted.set()
+            raise KeyboardInterrupt
+
+        previous_handler = signal.signal(signal.SIGINT, _on_sigint)
     try:
         emit({"event": "warming", "what": "build workers"})
         builder.warm_up()
@@ -429,9 +441,13 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
     except Exception as err:  # noqa: BLE001 - a stop raised inside the tuning loop comes back wrapped
         if runner.stopped is not None:
             status, message = "stopped-no-board", str(runner.stopped)
+        elif interrupted.is_set():
+            status, message = "interrupted", "interrupted: run the same command again to resume"
         else:
             raise
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
         builder.shutdown()
         runner.shutdown()
         trials_done = log.record_count()

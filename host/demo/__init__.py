@@ -1,0 +1,1 @@
+"""``edgetune demo``: the whole loop on this machine, with this machine as the board."""
