@@ -1,0 +1,79 @@
+"""Tuning throughput: trials per minute of edgetune's session against stock MetaSchedule
+(``tune_tasks`` with its ``LocalBuilder`` and ``RPCRunner``) on the same model, board and budget.
+
+Prints JSON: {"model", "trials", "stock": {...}, "edgetune": {...}, "speedup"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from _bed import local_board
+
+
+def stock(model_name: str, trials: int, tracker, key: str, work) -> dict:
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from device_agent.probe import read_profile
+    from host.models.onnx_import import load_onnx
+    from host.tuning.tasks import lower_for_tuning
+
+    target = tvm.target.Target(read_profile().target)
+    model = load_onnx(model_name)
+    start = time.monotonic()
+    mod = lower_for_tuning(model.mod, target)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(work / "stock"))
+    runner = ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=tracker[0], tracker_port=tracker[1],
+                                                     tracker_key=key, session_timeout_sec=60))
+    # TVM-NOTES: the default 30 s build timeout fails every candidate on 2 cores; give it 120 s.
+    builder = ms.builder.LocalBuilder(timeout_sec=120)
+    db = ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work / "stock"),
+                       max_trials_global=trials, num_trials_per_iter=max(2, min(32, trials // len(contexts))),
+                       builder=builder, runner=runner)
+    elapsed = time.monotonic() - start
+    records = list(db.get_all_tuning_records())
+    ok = sum(1 for r in records if r.run_secs is not None and min(float(s) for s in r.run_secs) < 1e9)
+    return {"seconds": round(elapsed, 1), "trials": len(records), "measured_ok": ok,
+            "trials_per_min": round(len(records) / elapsed * 60, 2)}
+
+
+def edgetune(model_name: str, trials: int, tracker, key: str, work) -> dict:
+    from device_agent.probe import read_profile
+    from host.tuning.session import TuneOptions, run_session
+
+    start = time.monotonic()
+    result = run_session(TuneOptions(model=model_name, key=key, trials=trials, log_dir=str(work / "edgetune"),
+                                     tracker=tracker, target=read_profile().target))
+    elapsed = time.monotonic() - start
+    ok = sum(t.trials - t.failed for t in result.tasks)
+    return {"seconds": round(elapsed, 1), "trials": result.trials_done, "measured_ok": ok,
+            "trials_per_min": round(result.trials_done / elapsed * 60, 2),
+            "estimated_latency_ms": result.estimated_latency_ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="tiny_cnn")
+    parser.add_argument("--trials", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
+    with local_board() as bed:
+        figures = {"model": args.model, "trials": args.trials, "cores": os.cpu_count()}
+        # Both from a cold process state would be fairer still; both run in this one process, edgetune second
+        # (so it does not profit from the stock run's imports: the stock run pays them, edgetune's own
+        # session start-up is counted in full).
+        figures["stock"] = stock(args.model, args.trials, bed["tracker"], bed["key"], bed["work"])
+        figures["edgetune"] = edgetune(args.model, args.trials, bed["tracker"], bed["key"], bed["work"])
+        figures["speedup"] = round(figures["edgetune"]["trials_per_min"] / figures["stock"]["trials_per_min"], 2)
+    json.dump(figures, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
