@@ -32,7 +32,7 @@ import numpy as np
 from device_agent.schema import target_to_json
 
 from ..errors import EdgetuneError
-from ..logs.tuninglog import TuningLog, write_json_atomic
+from ..logs.tuninglog import TuningLog, mean_run_secs, write_json_atomic
 from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
 from ..tuning.tasks import Task, extract_tasks, workload_key
@@ -86,15 +86,6 @@ class BuildResult:
         }
 
 
-def _mean(run_secs) -> float | None:
-    if run_secs is None:
-        return None
-    values = [float(s) for s in run_secs]
-    if not values or min(values) >= 1e5:
-        return None
-    return sum(values) / len(values)
-
-
 def tuned_records(db, tasks: list[Task]) -> dict[int, tuple[float, int]]:
     """task index -> (best seconds, trials) for tasks with at least one successful record."""
     by_hash = {t.workload_hash: t.index for t in tasks}
@@ -105,7 +96,7 @@ def tuned_records(db, tasks: list[Task]) -> dict[int, tuple[float, int]]:
         if idx is None:
             continue
         counts[idx] = counts.get(idx, 0) + 1
-        latency = _mean(record.run_secs)
+        latency = mean_run_secs(record.run_secs)
         if latency is not None and (idx not in best or latency < best[idx][0]):
             best[idx] = (latency, 0)
     return {idx: (lat, counts[idx]) for idx, (lat, _) in best.items()}

@@ -35,6 +35,17 @@ HISTORY_FILE = "history.jsonl"
 FORMAT = 1
 
 
+def mean_run_secs(run_secs) -> float | None:
+    """Mean of a record's ``run_secs`` in seconds; ``None`` for a failed trial (no times, or MetaSchedule's
+    1e10 failure marker)."""
+    if run_secs is None:
+        return None
+    values = [float(s) for s in run_secs]
+    if not values or max(values) >= 1e9:
+        return None
+    return sum(values) / len(values)
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from device_agent.schema import check_key
+from device_agent.schema import check_key, target_to_json
 
 from .. import config
 from ..errors import AgentError, EdgetuneError
-from ..logs.tuninglog import TuningLog, now_iso
+from ..logs.tuninglog import TuningLog, mean_run_secs, now_iso
 from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
 from ..tracker.client import TrackerAddr, servers_of_key, tracker_summary
@@ -101,15 +101,6 @@ def estimated_latency_ms(tasks: list[TaskSummary]) -> float | None:
     return sum(t.weight * (t.best_us or 0.0) for t in tasks) / 1000.0
 
 
-def _mean(run_secs) -> float | None:
-    if run_secs is None:
-        return None
-    values = [float(s) for s in run_secs]
-    if not values or min(values) >= 1e9:  # MetaSchedule writes 1e10 for failures in some paths
-        return None
-    return sum(values) / len(values)
-
-
 class _Progress:
     """Per-task bests and the history file; shared by the measure callback and the replay step."""
 
@@ -179,7 +170,7 @@ def _history_callback(progress: _Progress):
             for built, ran in zip(builder_results, runner_results):
                 board = progress.board_of.pop(str(built.artifact_path), None) if built.artifact_path else None
                 error = built.error_msg or ran.error_msg
-                latency = None if error else _mean(ran.run_secs)
+                latency = None if error else mean_run_secs(ran.run_secs)
                 outcomes.append((latency, str(error) if error else (None if latency else "no timing"), board))
             progress.record(int(task_id), outcomes)
 
@@ -194,7 +185,7 @@ def resolve_board_target(key: str, timeout: float | None = None) -> tuple[dict[s
     records = [entry.record for entry in seen.values() if entry.record.key == key]
     if not records:
         return None
-    targets = {str(sorted(r.target().items(), key=str)) for r in records}  # mattr is a list: compare as text
+    targets = {target_to_json(r.target()) for r in records}
     if len(targets) > 1:
         logger.warning("boards of key %r advertise different targets; using %s's", key, records[0].name)
     return records[0].target(), records[0].as_dict()
@@ -219,7 +210,7 @@ def _pretrain(cost_model, contexts, tasks: list[Task], records) -> int:
     by_hash = {t.workload_hash: i for i, t in enumerate(tasks)}
     grouped: dict[int, tuple[list, list]] = {}
     for record in records:
-        if _mean(record.run_secs) is None:
+        if mean_run_secs(record.run_secs) is None:
             continue
         idx = by_hash.get(workload_key(record.workload.mod))
         if idx is None:
@@ -243,7 +234,7 @@ def _best_by_task(records, tasks: list[Task]) -> dict[int, Any]:
     by_hash = {t.workload_hash: i for i, t in enumerate(tasks)}
     best: dict[int, tuple[float, Any]] = {}
     for record in records:
-        latency = _mean(record.run_secs)
+        latency = mean_run_secs(record.run_secs)
         idx = by_hash.get(workload_key(record.workload.mod))
         if latency is None or idx is None:
             continue
@@ -281,7 +272,7 @@ def _replay(seed_best: dict[int, Any], contexts, target, database, builder, runn
         workload = database.commit_workload(ctx.mod)
         database.commit_tuning_record(TuningRecord(candidate.sch.trace, workload, run_secs, target,
                                                    candidate.args_info))
-        latency = None if error else _mean(run_secs)
+        latency = None if error else mean_run_secs(run_secs)
         progress.record(idx, [(latency, error, board)])
         replayed += 1
     return replayed

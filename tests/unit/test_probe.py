@@ -339,3 +339,17 @@ def test_describe():
     assert lines[4].endswith("<- target") and lines[5].endswith("<- target")
     assert lines[-1].startswith('target:   {"kind": "llvm"')
     assert "cpu 0,3-5: 4x Cortex-A57" in probe.describe(profile_of("jetson-tx2"))
+
+
+def test_advertised_arm_target_round_trips_through_the_txt_record_and_host_resolution():
+    """An ARM board's target (with its mattr list) survives the TXT record and the host's grouping of
+    boards by target (a list in the target once broke that grouping)."""
+    from device_agent.schema import target_to_json
+
+    profile = profile_of("rpi4-64")
+    record = BoardRecord(board_id="b" * 32, name="pi", key="rpi4", arch=profile.arch, triple=profile.triple,
+                         cpu=profile.target["mcpu"], cores=profile.target["num-cores"],
+                         mattr=tuple(profile.target.get("mattr", ())))
+    again = BoardRecord.from_txt({k.encode(): v.encode() for k, v in record.to_txt().items()})
+    assert again.target() == profile.target
+    assert len({target_to_json(r.target()) for r in (record, again)}) == 1
