@@ -58,8 +58,15 @@ def parse_target(value: str | dict[str, Any]) -> dict[str, Any]:
 
 
 def check_target(target: dict[str, Any]) -> None:
-    """Raise :class:`EdgetuneError` if TVM refuses ``target``."""
+    """Raise :class:`EdgetuneError` if TVM refuses ``target`` or LLVM does not know its CPU (TVM only
+    warns, then silently generates generic code: a mistyped CPU would cost every tuned kernel)."""
     import tvm
+    from tvm.target import codegen
+
+    cpu, triple = target.get("mcpu"), str(target.get("mtriple", ""))
+    if cpu and triple and not codegen.llvm_is_valid_cpu(str(cpu), triple):
+        raise EdgetuneError(f"LLVM does not know CPU {cpu!r} for {triple}: use the board's CPU name as "
+                            "`edgetune-agent probe` reports it (e.g. cortex-a72, cortex-a76, znver4)")
 
     try:
         tvm.target.Target(target)

@@ -29,6 +29,7 @@ class Budget:
 
     remaining: int
     early_stopping: int | None = None
+    early_stopped: list[str] = field(default_factory=list)  # names of tasks stopped for no improvement
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, wanted: int) -> int:
@@ -60,8 +61,10 @@ class BudgetedStrategy(PySearchStrategy):
         self.best: float | None = None
         self.since_improvement = 0
         self.stopped_early = False
+        self.task_name = ""
 
     def _initialize_with_tune_context(self, context) -> None:
+        self.task_name = str(context.task_name)
         self.inner._initialize_with_tune_context(context)
 
     def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None) -> None:
@@ -92,8 +95,10 @@ class BudgetedStrategy(PySearchStrategy):
             else:
                 self.since_improvement += 1
         limit = self.budget.early_stopping
-        if limit is not None and self.best is not None and self.since_improvement >= limit:
+        if limit is not None and self.best is not None and self.since_improvement >= limit and not self.stopped_early:
             self.stopped_early = True
+            with self.budget.lock:
+                self.budget.early_stopped.append(self.task_name)
 
     def clone(self) -> SearchStrategy:
         return BudgetedStrategy(self.strategy, self.budget, self.inner.clone())

@@ -220,3 +220,70 @@ def test_bad_inputs_give_one_line_errors(tuning_bed, tmp_path):
     assert out.returncode == 2 and "'annealing' is not one of 'xgb', 'random'" in out.stderr
     # nothing half-made was left behind by the refused runs
     assert not (tmp_path / "bad-log" / "database_tuning_record.json").exists()
+
+
+def test_early_stopping_ends_tasks_that_stop_improving(tuning_bed, tmp_path):
+    log_dir = tmp_path / "log"
+    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 40, "--early-stopping", "1", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    session = session_of(log_dir)
+    stopped = session["runs"][-1]["early_stopped"]
+    assert stopped, "no task stopped early with --early-stopping 1"
+    history = history_of(log_dir)
+    assert len(history) == session["trials_done"] <= 40
+    names = {t["index"]: t["name"] for t in session["tasks"]}
+    for name in stopped:
+        trials = [h for h in history if names[h["task"]] == name]
+        prior = [h["latency_us"] for h in trials[:-1] if h["latency_us"] is not None]
+        last = trials[-1]["latency_us"]
+        # the task's last trial did not beat its best so far: that is what stopped it
+        assert prior and (last is None or last >= min(prior))
+
+
+def test_tracker_gone_mid_run_stops_with_a_clear_message(peers, tmp_path):
+    tracker = peers.tracker(advertise=False)
+    addr = f"127.0.0.1:{tracker.port}"
+    peers.agent("gone", "gone-a", addr, advertise=False)
+    wait_registered(tracker.port, "gone")
+    log_dir = tmp_path / "log"
+    argv = [EDGETUNE, "tune", "tiny_cnn", "--device", "gone", "--trials", "200", "--log", str(log_dir),
+            "--tracker", addr, "--deadline", "8", "--target",
+            '{"kind":"llvm","mtriple":"x86_64-linux-gnu","mcpu":"znver4","num-cores":2}']
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=peer_env(),
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (log_dir / "history.jsonl").exists() and len(history_of(log_dir)) >= 2, 600,
+                 "the first measured trials")
+        tracker.kill()
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, stderr[-3000:]
+    assert "does not answer" in stderr or "went away" in stderr  # the waiting message names the tracker
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    assert len(records_of(log_dir)) == session_of(log_dir)["trials_done"] == len(history_of(log_dir))
+
+
+def test_log_merge_and_export(cold_log, tmp_path):
+    cold = cold_log["dir"]
+    out = run_cli([EDGETUNE, "log", "merge", str(cold), str(cold), "-o", str(tmp_path / "merged"), "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    merged = json.loads(out.stdout)
+    assert merged["records"] == 16 and merged["duplicates_dropped"] == 16  # the same log twice: kept once
+    assert len(records_of(tmp_path / "merged")) == 16
+
+    out = run_cli([EDGETUNE, "log", "export", str(cold), "-o", str(tmp_path / "best"), "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    best = records_of(tmp_path / "best")
+    tuned_tasks = {h["task"] for h in history_of(cold) if h["latency_us"] is not None}
+    assert len(best) == len(tuned_tasks)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    session = session_of(cold)
+    session["target"] = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "num-cores": 4}
+    (other / "session.json").write_text(json.dumps(session))
+    (other / "database_tuning_record.json").write_text("")
+    out = run_cli([EDGETUNE, "log", "merge", str(cold), str(other), "-o", str(tmp_path / "mixed")], timeout=300)
+    assert out.returncode == 1 and "records of different targets never mix" in out.stderr
