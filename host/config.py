@@ -10,7 +10,8 @@ from device_agent.config import _seconds, mdns_interfaces  # noqa: F401  (one de
 
 # Connecting to the tracker and getting one answer: a live tracker answers in milliseconds.
 TRACKER_CONNECT_SEC = _seconds("TRACKER_CONNECT_SEC", 5.0)
-# How long `edgetune devices` listens for mDNS answers by default.
+# How long `edgetune devices` listens for mDNS answers by default. python-zeroconf responders hold
+# multicast answers back to aggregate them (~1.1 s seen on loopback), so less than 2 s finds nothing.
 DISCOVERY_SEC = _seconds("DISCOVERY_SEC", 3.0)
 # How long a host command waits for a tracker to appear on mDNS when --tracker is absent.
 TRACKER_DISCOVERY_SEC = _seconds("TRACKER_DISCOVERY_SEC", 5.0)

@@ -188,7 +188,11 @@ class BoardRunner(PyRunner):
             shutil.rmtree(os.path.dirname(artifact), ignore_errors=True)
 
     def shutdown(self) -> None:
+        """Stop measuring: jobs still waiting for a board give up at once (an interpreter exit would
+        otherwise wait for them up to the no-board deadline)."""
         with self._lock:
+            if self.stopped is None:
+                self.stopped = SessionStop("the tuning session ended")
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None

@@ -17,7 +17,9 @@ KEY = "x86host"
 def tuning_bed(tmp_path_factory):
     """A tracker and one agent (this machine as a board) for the whole test session."""
     base = tmp_path_factory.mktemp("bed")
-    tracker = peers_mod.start_tracker(base / "peers")
+    # Not advertised: it lives for the whole test session and must not be found by agents of other
+    # tests that look for a tracker on mDNS.
+    tracker = peers_mod.start_tracker(base / "peers", advertise=False)
     agent = None
     try:
         agent = peers_mod.start_agent(base / "peers", KEY, "bench-board", f"127.0.0.1:{tracker.port}", base / "store")

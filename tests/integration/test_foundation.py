@@ -12,7 +12,7 @@ import numpy as np
 from tests.peers import AGENT, EDGETUNE, free_port, run_cli, tracker_servers, wait_for, wait_registered
 
 
-def devices(tracker_port: int | None, timeout: float = 2.0) -> dict:
+def devices(tracker_port: int | None, timeout: float = 3.0) -> dict:
     argv = [EDGETUNE, "devices", "--json", "--timeout", str(timeout)]
     if tracker_port:
         argv += ["--tracker", f"127.0.0.1:{tracker_port}"]
