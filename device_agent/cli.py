@@ -10,8 +10,9 @@ import time
 import click
 
 from . import __version__
-from .cliutil import parse_hostport, run_main
+from .cliutil import run_main
 from .errors import AgentError
+from .schema import parse_hostport
 
 # Commands living beside their library code, imported only when they run (TVM imports are slow).
 LAZY_COMMANDS = {

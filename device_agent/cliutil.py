@@ -6,8 +6,6 @@ import sys
 
 import click
 
-from .errors import AgentError
-from .schema import parse_hostport  # noqa: F401  (re-exported for the commands)
 
 
 def run_main(group: click.Group, prog: str, errors: tuple[type[BaseException], ...]) -> None:

@@ -9,7 +9,7 @@ import logging
 import click
 
 from . import __version__
-from .cliutil import run_main
+from device_agent.cliutil import run_main
 from .errors import AgentError, EdgetuneError
 
 # command name -> "module:attribute"

@@ -11,10 +11,7 @@ from typing import Any, Callable
 
 import click
 
-from device_agent.cliutil import run_main  # noqa: F401  (one definition for both commands)
 
-from .errors import EdgetuneError
-from .util import parse_hostport  # noqa: F401  (re-exported for the commands)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 tracker_option = click.option(

@@ -6,7 +6,7 @@ Override any of them with an environment variable named ``EDGETUNE_<NAME>`` (sec
 
 from __future__ import annotations
 
-from device_agent.config import _seconds, mdns_interfaces  # noqa: F401  (one definition)
+from device_agent.config import _seconds
 
 # Connecting to the tracker and getting one answer: a live tracker answers in milliseconds.
 TRACKER_CONNECT_SEC = _seconds("TRACKER_CONNECT_SEC", 5.0)

@@ -19,7 +19,6 @@ import base64
 import dataclasses
 import datetime as dt
 import html
-import io
 import json
 import logging
 import math

@@ -429,7 +429,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
         status, message = "stopped-no-board", str(err)
     except KeyboardInterrupt:
         status, message = "interrupted", "interrupted: run the same command again to resume"
-    except Exception as err:  # noqa: BLE001 - a stop raised inside the tuning loop comes back wrapped
+    except Exception:  # noqa: BLE001 - a stop raised inside the tuning loop comes back wrapped
         if runner.stopped is not None:
             status, message = "stopped-no-board", str(runner.stopped)
         elif interrupted.is_set():
