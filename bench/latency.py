@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args()
     os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
+    # MetaSchedule prints its scheduler tables to stdout at INFO: keep stdout for the JSON figures.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
 
     from device_agent.probe import read_profile
     from host.bench.bench import bench
