@@ -24,13 +24,14 @@ def devices(tracker_port: int | None, timeout: float = 3.0) -> dict:
 def test_two_agents_listed_by_devices_and_stock_query(peers, host_target):
     tracker = peers.tracker()
     addr = f"127.0.0.1:{tracker.port}"
-    a = peers.agent("x86host", "board-a", addr)
-    b = peers.agent("x86host", "board-b", addr)
-    wait_registered(tracker.port, "x86host", count=2, timeout=60)
+    # A key of its own: the session-wide tuning agent of other tests also serves "x86host".
+    a = peers.agent("dual", "board-a", addr)
+    b = peers.agent("dual", "board-b", addr)
+    wait_registered(tracker.port, "dual", count=2, timeout=60)
 
     # mDNS answers can take a moment after registration: poll, as a user would re-run the command.
     def both_listed():
-        rows = {r["name"]: r for r in devices(tracker.port)["boards"] if r["key"] == "x86host"}
+        rows = {r["name"]: r for r in devices(tracker.port)["boards"] if r["key"] == "dual"}
         return rows if set(rows) == {"board-a", "board-b"} else None
 
     boards = wait_for(both_listed, 30, "both agents in `edgetune devices`", interval=0.5)
@@ -50,7 +51,7 @@ def test_two_agents_listed_by_devices_and_stock_query(peers, host_target):
     stock = run_cli([sys.executable, "-m", "tvm.exec.query_rpc_tracker", "--host", "127.0.0.1",
                      "--port", str(tracker.port)], timeout=60)
     assert stock.returncode == 0, stock.stderr
-    assert re.search(r"x86host\s+2\s+2\s+0", stock.stdout), stock.stdout  # total, free, pending
+    assert re.search(r"dual\s+2\s+2\s+0", stock.stdout), stock.stdout  # total, free, pending
 
 
 def test_board_id_survives_restart(peers, tmp_path):
