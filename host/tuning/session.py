@@ -435,6 +435,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
         elif interrupted.is_set():
             status, message = "interrupted", "interrupted: run the same command again to resume"
         else:
+            status = "failed"  # recorded as such in session.json; the measured records stay
             raise
     finally:
         if previous_handler is not None:
