@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from . import config
 from .errors import AgentError
+from .fsutil import fsync_dir, write_atomic
 from .manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -169,31 +170,6 @@ def resolve_store(store: str | os.PathLike[str] | None) -> Path:
     return Path(store if store is not None else config.default_store()).expanduser()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write and fsync a new file via a temporary name, so readers never see it half-written."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
 def _link_target(store: Path, name: str) -> str | None:
     """The slot a store link points to, or ``None`` when the link is missing or points elsewhere."""
     try:
@@ -218,7 +194,7 @@ def _set_link(store: Path, name: str, slot: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(store)
+    fsync_dir(store)
 
 
 def _prepare(store: Path) -> None:
@@ -408,10 +384,10 @@ def _unpack(pkg: Path, staging: Path, trust_dir: Path, on_step: Callable[[str], 
     missing = sorted(set(manifest.files) - written)
     if missing:
         raise InstallError("files", f"the package is incomplete, missing {', '.join(missing)} (cut-off upload or damaged file): flash it again")
-    _write_file(staging / MANIFEST_NAME, manifest_bytes)
-    _write_file(staging / SIGNATURE_NAME, sig_bytes or b"")
+    write_atomic(staging / MANIFEST_NAME, manifest_bytes)
+    write_atomic(staging / SIGNATURE_NAME, sig_bytes or b"")
     for sub in sorted({(staging / n).parent for n in written}, key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(sub)
+        fsync_dir(sub)
     return manifest, manifest_bytes, signer
 
 
@@ -575,7 +551,7 @@ def _install_locked(pkg: Path, store_dir: Path, trusted: Path, profile: Mapping[
         slot = _slot_name(store_dir, manifest_bytes)
         slot_dir = store_dir / SLOTS_DIR / slot
         os.rename(staging, slot_dir)
-        _fsync_dir(store_dir / SLOTS_DIR)
+        fsync_dir(store_dir / SLOTS_DIR)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -598,7 +574,7 @@ def _install_locked(pkg: Path, store_dir: Path, trusted: Path, profile: Mapping[
         "signer": signer.fingerprint,
         "self_check": check.as_dict(),
     }
-    _write_file(slot_dir / INSTALL_RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(slot_dir / INSTALL_RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
 
     step("switch")
     try:
@@ -713,7 +689,7 @@ def trust(pubkey_path: str | os.PathLike[str], store: str | os.PathLike[str] | N
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         safe = "".join(c for c in fp.split(":", 1)[1] if c.isalnum())[:16]
         dest = directory / f"ed25519-{safe}.pub"
-        _write_file(dest, (text.strip().splitlines()[0] + "\n").encode())
+        write_atomic(dest, (text.strip().splitlines()[0] + "\n").encode())
     except OSError as err:
         raise AgentError(
             f"cannot write to the trust directory {directory} ({err.strerror}): run as root or pass --store/--trust-dir"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_agent.fsutil import write_atomic
 from device_agent.schema import target_to_json
 
 from ..errors import EdgetuneError
@@ -51,15 +52,8 @@ def now_iso() -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and ``os.replace``: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as stream:
-        json.dump(data, stream, indent=2, sort_keys=False)
-        stream.write("\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-
+    """Write JSON crash-safely: a reader never sees half a file."""
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 def repair_jsonl(path: Path) -> int:
     """Drop lines that are not complete JSON (a write cut off by a crash). Returns lines dropped."""
@@ -80,9 +74,7 @@ def repair_jsonl(path: Path) -> int:
             continue
         good.append(line)
     if dropped or not raw.endswith(b"\n"):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(g + b"\n" for g in good))
-        os.replace(tmp, path)
+        write_atomic(path, b"".join(g + b"\n" for g in good))
         if dropped:
             logger.warning("%s: dropped %d incomplete line(s) left by an interrupted write", path, dropped)
     return dropped

@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from device_agent.fsutil import write_atomic
 from device_agent.manifest import fingerprint, public_key_line
 
 from ..errors import EdgetuneError
@@ -44,22 +45,6 @@ def default_key_path() -> Path:
     return Path("~/.config/edgetune/signing_key").expanduser()
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temporary file with ``mode`` from the start (a private key is never world-readable)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def init_keys(path: str | os.PathLike[str] | None = None, force: bool = False) -> KeyInfo:
     """Create a signing key pair at ``path`` (default :func:`default_key_path`) and ``path.pub``.
 
@@ -79,8 +64,8 @@ def init_keys(path: str | os.PathLike[str] | None = None, force: bool = False) -
     line = public_key_line(key.public_key(), comment)
     try:
         key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_new(key_path, private, 0o600)
-        _write_new(pub_path, (line + "\n").encode(), 0o644)
+        write_atomic(key_path, private, 0o600)
+        write_atomic(pub_path, (line + "\n").encode(), 0o644)
     except OSError as err:
         raise EdgetuneError(f"cannot write the signing key to {key_path} ({err.strerror}): "
                             f"pick another place with --key PATH or ${KEY_ENV}") from None
