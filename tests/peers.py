@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from host.process import stop_process_group
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 EDGETUNE = str(BIN / "edgetune")
@@ -59,22 +61,7 @@ class Peer:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop the peer and every process of its group; SIGKILL after ``timeout`` seconds."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # children left behind, if any
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process_group(self.proc, sig, timeout)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL, timeout=5)

@@ -24,6 +24,7 @@ import psutil
 
 from .. import config
 from ..errors import EdgetuneError
+from ..process import stop_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -82,21 +83,7 @@ class _Process:
         raise EdgetuneError(f"the demo's {self.name} did not start within {timeout:g} s: see {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(config.PROCESS_STOP_SEC)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(config.PROCESS_STOP_SEC)
-        except subprocess.TimeoutExpired:
-            pass
-
+        stop_process_group(self.proc, signal.SIGTERM, config.PROCESS_STOP_SEC)
 
 def _ssh_identity() -> tuple[str, Path] | None:
     """(user, identity file) when SSH to this machine is set up: sshd on 127.0.0.1:22, a key of ours,
