@@ -74,6 +74,9 @@ def test_agent_reregisters_after_tracker_restart(peers):
     port = tracker.port
     agent = peers.agent("rekey", "board-r", f"127.0.0.1:{port}", advertise=False)
     wait_registered(port, "rekey")
+    # The tracker lists the board as soon as its info arrives, a moment before the agent's offer is
+    # acknowledged: kill the tracker only once the agent has finished registering.
+    wait_for(lambda: "registered with tracker" in agent.log(), 30, "the first registration in the log")
     tracker.kill()
     assert not tracker_servers(port, "rekey")
     restarted = peers.tracker(port=port, advertise=False, name="tracker-2")
@@ -82,7 +85,10 @@ def test_agent_reregisters_after_tracker_restart(peers):
     took = time.monotonic() - start
     assert took < 15
     assert agent.alive()
-    wait_for(lambda: agent.log().count("registered with tracker") >= 2, 10, "the second registration in the log")
+    try:
+        wait_for(lambda: agent.log().count("registered with tracker") >= 2, 30, "the second registration in the log")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\n--- agent log ---\n{agent.log()}\n--- tracker log ---\n{restarted.log()}") from None
 
 
 def test_agent_without_tracker_finds_it_by_mdns(peers):
