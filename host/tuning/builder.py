@@ -87,6 +87,9 @@ class WarmBuilder(PyBuilder):
                 results.append(BuilderResult(outcome.value, None))
             elif outcome.status == StatusKind.TIMEOUT:
                 results.append(BuilderResult(None, f"build timed out after {self.timeout_sec:g} s"))
+            elif isinstance(outcome.value, ChildProcessError):
+                # The worker died (e.g. SIGSEGV in code generation); the pool starts a new one.
+                results.append(BuilderResult(None, "build failed: the build worker crashed on this candidate"))
             else:
                 message = str(outcome.value).strip().splitlines()
                 results.append(BuilderResult(None, "build failed: " + (message[-1] if message else "unknown error")))

@@ -175,6 +175,8 @@ class BoardRunner(PyRunner):
                     last_error = _one_line(err)
                     if not uploaded and _is_connection_error(last_error):
                         continue  # the board dropped us before the candidate ran: try another board
+                    if "kShutdown" in last_error:
+                        last_error = "the candidate crashed the board's session process"
                     return RunnerResult(None, f"on board {board}: {last_error}")
                 finally:
                     try:
