@@ -445,6 +445,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
         trials_done = log.record_count()
         run_entry.update(ended=now_iso(), trials=trials_done - done_before, status=status)
         run_entry["early_stopped"] = list(budget.early_stopped)
+        run_entry["repeats_skipped"] = budget.repeats_skipped
         session.update(trials_done=trials_done, status=status, elapsed_s=round(progress.elapsed(), 3),
                        measured_by=_merge_counts(session.get("measured_by", {}), runner.measured_by))
         log.save_session()

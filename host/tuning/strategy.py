@@ -3,7 +3,10 @@
 MetaSchedule checks its global trial budget only before a batch is generated, so a session can
 overshoot by a batch; and it has no early stopping. Both are enforced here, around MetaSchedule's
 own strategies (evolutionary search guided by the cost model, or uniform replay of the space), by
-trimming or ending each task's batches. Everything else is the wrapped strategy's.
+trimming or ending each task's batches. A schedule is measured once per log: MetaSchedule remembers
+what it measured only within one run, so a resumed session (whose cost model ranks the log's best
+schedules highest) would measure them again; candidates already in the log, or twice in a batch, are
+dropped here. Everything else is the wrapped strategy's.
 """
 
 from __future__ import annotations
@@ -22,6 +25,32 @@ from tvm.s_tir.meta_schedule.search_strategy import (
 
 STRATEGIES = ("xgb", "random")
 
+# Batches in a row made only of schedules already measured before a task counts as exhausted.
+MAX_REPEATED_BATCHES = 4
+
+
+def schedule_key(mod) -> int:
+    """Identity of a scheduled module (MetaSchedule's own "measured" check is structural too)."""
+    import tvm_ffi
+
+    return tvm_ffi.structural_hash(mod)
+
+
+def measured_schedules(database, workload_mod) -> set[int]:
+    """Keys of the schedules of ``workload_mod`` that ``database`` already holds (measured or failed)."""
+    from .tasks import workload_key
+
+    wanted = workload_key(workload_mod)
+    keys: set[int] = set()
+    for record in database.get_all_tuning_records():
+        if workload_key(record.workload.mod) != wanted:
+            continue
+        try:
+            keys.add(schedule_key(record.as_measure_candidate().sch.mod))
+        except Exception:  # noqa: BLE001 - a record whose trace no longer applies cannot come back
+            continue
+    return keys
+
 
 @dataclass
 class Budget:
@@ -30,6 +59,7 @@ class Budget:
     remaining: int
     early_stopping: int | None = None
     early_stopped: list[str] = field(default_factory=list)  # names of tasks stopped for no improvement
+    repeats_skipped: int = 0  # candidates dropped because the log (or their batch) already had them
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, wanted: int) -> int:
@@ -62,12 +92,17 @@ class BudgetedStrategy(PySearchStrategy):
         self.since_improvement = 0
         self.stopped_early = False
         self.task_name = ""
+        self.mod = None
+        self.measured: set[int] = set()
+        self.duplicates_dropped = 0
 
     def _initialize_with_tune_context(self, context) -> None:
         self.task_name = str(context.task_name)
+        self.mod = context.mod
         self.inner._initialize_with_tune_context(context)
 
     def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None) -> None:
+        self.measured = measured_schedules(database, self.mod) if database is not None and self.mod is not None else set()
         self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
 
     def post_tuning(self) -> None:
@@ -76,13 +111,36 @@ class BudgetedStrategy(PySearchStrategy):
     def generate_measure_candidates(self) -> list[MeasureCandidate] | None:
         if self.stopped_early:
             return None
-        candidates = self.inner.generate_measure_candidates()
-        if not candidates:
+        for _ in range(MAX_REPEATED_BATCHES):
+            candidates = self.inner.generate_measure_candidates()
+            if not candidates:
+                return None
+            fresh = self._unmeasured(candidates)
+            if fresh:
+                break
+            self.inner.notify_runner_results([], [])  # nothing measured; the inner search goes on
+        else:
             return None
-        granted = self.budget.take(len(candidates))
+        granted = self.budget.take(len(fresh))
         if granted == 0:
             return None
-        return list(candidates)[:granted]
+        fresh = fresh[:granted]
+        self.measured.update(key for key, _ in fresh)
+        return [candidate for _, candidate in fresh]
+
+    def _unmeasured(self, candidates) -> list[tuple[int, MeasureCandidate]]:
+        fresh: list[tuple[int, MeasureCandidate]] = []
+        seen = set(self.measured)
+        for candidate in candidates:
+            key = schedule_key(candidate.sch.mod)
+            if key in seen:
+                self.duplicates_dropped += 1
+                with self.budget.lock:
+                    self.budget.repeats_skipped += 1
+                continue
+            seen.add(key)
+            fresh.append((key, candidate))
+        return fresh
 
     def notify_runner_results(self, measure_candidates, results) -> None:
         self.inner.notify_runner_results(measure_candidates, results)
