@@ -344,6 +344,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
         "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
     })
     session.setdefault("runs", [])
+    _close_killed_runs(session["runs"], history, done_before)
     session.setdefault("created", now_iso())
     progress = _Progress(log, tasks, options.trials, emit, elapsed_before)
     progress.absorb_history(history)
@@ -455,6 +456,23 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
     return SessionResult(str(log.path), status, options.trials, trials_done, trials_done - done_before,
                          time.monotonic() - run_start, progress.summaries, estimated_latency_ms(progress.summaries),
                          dict(runner.measured_by), message, cost_info)
+
+
+def _close_killed_runs(runs: list[dict], history: list[dict], records: int) -> None:
+    """A run still marked running was killed before it could close: count its trials from the history
+    (the last of them also gets records whose history line the kill cut off)."""
+    killed = None
+    for i, run in enumerate(runs):
+        if run.get("status") != "running":
+            continue
+        start = run.get("started") or ""
+        end = runs[i + 1].get("started") if i + 1 < len(runs) else None
+        mine = [h for h in history if start <= (h.get("time") or "") and (end is None or h.get("time", "") < end)]
+        run.update(status="killed", trials=len(mine), ended=mine[-1]["time"] if mine else start)
+        killed = run
+    if killed is not None:
+        counted = sum(int(r.get("trials") or 0) for r in runs)
+        killed["trials"] += max(0, records - counted)
 
 
 def _merge_counts(old: dict[str, int], new: dict[str, int]) -> dict[str, int]:

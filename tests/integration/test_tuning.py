@@ -122,7 +122,8 @@ def test_sigkill_mid_run_then_resume(tuning_bed, tmp_path):
     history = history_of(log_dir)
     assert len(history) == 24 and len({h["trial"] for h in history}) == 24
     session = session_of(log_dir)
-    assert [r["status"] for r in session["runs"]] == ["running", "completed"]  # the killed run never closed
+    assert [r["status"] for r in session["runs"]] == ["killed", "completed"]  # closed by the resume
+    assert [r["trials"] for r in session["runs"]] == [killed_at, 24 - killed_at]
     assert session["cost_model"]["pretrained_on_own"] >= 1
 
 
