@@ -25,7 +25,7 @@ from tvm.s_tir.meta_schedule.search_strategy import (
 
 STRATEGIES = ("xgb", "random")
 
-# Batches in a row made only of schedules already measured before a task counts as exhausted.
+# After this many batches in a row made only of schedules measured before, a task counts as exhausted.
 MAX_REPEATED_BATCHES = 4
 
 
