@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 
 def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
@@ -29,3 +30,31 @@ def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeou
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+class LoggedProcess:
+    """A child process in its own process group, its stdout and stderr appended to ``log_path``."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as stream:
+            self.proc = subprocess.Popen(argv, stdout=stream, stderr=stream, stdin=subprocess.DEVNULL, env=env,
+                                         start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Stop the process and every process of its group; SIGKILL after ``timeout`` seconds."""
+        stop_process_group(self.proc, sig, timeout)

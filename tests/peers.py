@@ -13,10 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from host.process import stop_process_group
+from host.process import LoggedProcess
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -38,44 +37,18 @@ def peer_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@dataclass
-class Peer:
-    name: str
-    proc: subprocess.Popen
-    log_path: Path
+class Peer(LoggedProcess):
+    """A tracker, agent or stock server started by a test; ``port`` is where it serves."""
+
     port: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        """Stop the peer and every process of its group; SIGKILL after ``timeout`` seconds."""
-        stop_process_group(self.proc, sig, timeout)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL, timeout=5)
 
 
-def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None,
-          stdout_to_log: bool = True) -> Peer:
+def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Peer:
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    stream = open(log_path, "ab")
-    proc = subprocess.Popen(argv, stdout=stream if stdout_to_log else subprocess.PIPE, stderr=stream,
-                            stdin=subprocess.DEVNULL, env=env or peer_env(), start_new_session=True)
-    stream.close()
-    return Peer(name, proc, log_path)
+    return Peer(name, argv, log_dir / f"{name}.log", env or peer_env())
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import psutil
 
 from .. import config
 from ..errors import EdgetuneError
-from ..process import stop_process_group
+from ..process import LoggedProcess
 
 logger = logging.getLogger(__name__)
 
@@ -50,26 +49,8 @@ class DemoResult:
         return dict(self.__dict__)
 
 
-class _Process:
-    """A child process in its own process group, stopped with its children."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.log_path = log_path
-        stream = open(log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=stream, stderr=stream, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
-        stream.close()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+class _Process(LoggedProcess):
+    """A tracker or agent the demo started."""
 
     def wait_for_log(self, pattern: str, timeout: float) -> re.Match:
         deadline = time.monotonic() + timeout
@@ -81,9 +62,6 @@ class _Process:
                 raise EdgetuneError(f"the demo's {self.name} exited ({self.proc.returncode}): see {self.log_path}")
             time.sleep(0.1)
         raise EdgetuneError(f"the demo's {self.name} did not start within {timeout:g} s: see {self.log_path}")
-
-    def stop(self) -> None:
-        stop_process_group(self.proc, signal.SIGTERM, config.PROCESS_STOP_SEC)
 
 def _ssh_identity() -> tuple[str, Path] | None:
     """(user, identity file) when SSH to this machine is set up: sshd on 127.0.0.1:22, a key of ours,
@@ -233,7 +211,7 @@ def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
         )
     finally:
         for proc in reversed(started):
-            proc.stop()
+            proc.stop(timeout=config.PROCESS_STOP_SEC)
         # Build workers and anything else this process started and did not stop yet.
         me = psutil.Process()
         leftovers = me.children(recursive=True)
