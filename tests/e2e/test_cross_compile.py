@@ -424,6 +424,16 @@ def _assert_still_current_and_runs(bed: Bed, slot: str) -> None:
     assert check["ok"] is True and check["max_abs_err"] <= 1e-4, check
 
 
+def _flash_refused_by_compatibility(bed: Bed, pkg: Path, slot: str):
+    """Flash ``pkg``: the board's compatibility check refuses it and ``slot`` stays current."""
+    flash, result = bed.flash(pkg)
+    assert flash.returncode != 0, failure(flash)
+    assert result["ok"] is False
+    assert result["install"]["step"] == "compatibility", result
+    assert result["current"] == slot
+    return flash, result
+
+
 def test_x86_64_package_is_refused_naming_the_architecture(bed: Bed, tuned: dict[str, Any],
                                                            installed: dict[str, Any]) -> None:
     slot = installed["result"]["slot"]
@@ -434,12 +444,8 @@ def test_x86_64_package_is_refused_naming_the_architecture(bed: Bed, tuned: dict
     pkg = bed.base / "tiny_cnn-x86.etpkg"
     bed.package(out, tuned["log"], pkg)
 
-    flash, result = bed.flash(pkg)
-    assert flash.returncode != 0, failure(flash)
-    assert result["ok"] is False
-    assert result["install"]["step"] == "compatibility", result
+    flash, result = _flash_refused_by_compatibility(bed, pkg, slot)
     assert result["install"]["rolled_back"] is False  # refused before it reached the store
-    assert result["current"] == slot
     error = result["error"]
     assert "x86_64" in error and "aarch64" in error, error
     print(f"[cross-compile] x86_64 package refused: {error}", flush=True)
@@ -462,13 +468,9 @@ def test_sve_module_for_a_cortex_a72_is_refused_at_install(bed: Bed, tuned: dict
     pkg = bed.base / "tiny_cnn-sve.etpkg"
     bed.package(out, tuned["log"], pkg)
 
-    flash, result = bed.flash(pkg)
-    assert flash.returncode != 0, failure(flash)
-    assert result["ok"] is False
     # Refused by the compatibility check, not left to crash in the self-check.
-    assert result["install"]["step"] == "compatibility", result
+    _, result = _flash_refused_by_compatibility(bed, pkg, slot)
     assert result["install"]["self_check"] is None
-    assert result["current"] == slot
     assert "sve" in result["error"], result["error"]
     print(f"[cross-compile] +sve package refused: {result['error']}", flush=True)
 
