@@ -63,3 +63,48 @@ def default_store() -> str:
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         return "/var/lib/edgetune"
     return os.path.join(os.path.expanduser("~"), ".local", "share", "edgetune")
+
+
+# --- limits on a package the store reads, checked before the bytes they bound are read or written -----
+# A package is untrusted until its manifest's signature is verified, and that signature covers only the
+# files the manifest lists: the tar around them must not cost the board memory, disk or minutes first.
+# Each can be overridden by EDGETUNE_<NAME> (a whole number), e.g. for a board that installs huge models.
+
+
+def _limit(name: str, default: int) -> int:
+    raw = os.environ.get("EDGETUNE_" + name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"EDGETUNE_{name}={raw!r} is not a whole number") from None
+    if value <= 0:
+        raise ValueError(f"EDGETUNE_{name}={raw!r} must be positive")
+    return value
+
+
+# The .etpkg file as uploaded, in bytes. A tuned model with its weights is ~0.1 MB (the tiny CNN) to
+# ~100 MB (ResNet-50 in fp32); 512 MiB leaves room for bigger ones and stops one upload filling an SD card.
+MAX_PACKAGE_BYTES = _limit("MAX_PACKAGE_BYTES", 512 << 20)
+# Everything the package unpacks to (tar headers, padding and files), in bytes. gzip expands up to ~1000x,
+# so this, not the package size, bounds the disk and time an install spends; twice the package cap.
+# When the signed manifest lists file sizes (``sizes``), no file gets a byte more than its size.
+MAX_UNPACKED_BYTES = _limit("MAX_UNPACKED_BYTES", 1 << 30)
+# Tar members, directories and pax/GNU extended headers included. `edgetune package` writes 9 at most
+# (manifest, signature, model, 2 reference files, up to 4 log files); 64 leaves room for new files while a
+# tar of 200,000 entries is refused at its 65th header instead of costing 87 MB and 7 s.
+MAX_PACKAGE_MEMBERS = _limit("MAX_PACKAGE_MEMBERS", 64)
+# A member's path in UTF-8 bytes. Package paths are short ("reference/output.npz"); 255 is NAME_MAX on
+# Linux file systems.
+MAX_MEMBER_NAME_BYTES = _limit("MAX_MEMBER_NAME_BYTES", 255)
+# One pax or GNU long-name header. It carries at most a path and a few numbers (well under 1 KiB);
+# unbounded, a 204 KB package claiming a 414 MB long name costs 414 MB of memory.
+MAX_TAR_EXT_HEADER_BYTES = _limit("MAX_TAR_EXT_HEADER_BYTES", 4 << 10)
+# manifest.json: ~3 KB in a real package (file list, target, board profile); 256 KiB is plenty.
+MAX_MANIFEST_BYTES = _limit("MAX_MANIFEST_BYTES", 256 << 10)
+# manifest.sig: ~150 bytes (algorithm, key fingerprint, 88 characters of base64).
+MAX_SIGNATURE_BYTES = _limit("MAX_SIGNATURE_BYTES", 4 << 10)
+# Nesting of any JSON the store parses (manifest, signature, install record). A manifest is 4 levels
+# deep; Python's parser recurses per level and raises RecursionError near 1,000.
+MAX_JSON_DEPTH = _limit("MAX_JSON_DEPTH", 32)
