@@ -1,4 +1,5 @@
-"""Every timing constant of the board agent, in seconds, with the reason for its value.
+"""Every timing constant of the board agent, in seconds, and every limit on what it reads, with the reason
+for its value.
 
 Each can be overridden by an environment variable of the same name prefixed with ``EDGETUNE_``
 (e.g. ``EDGETUNE_TRACKER_RETRY_SEC=0.5``), so tests and slow boards can tune them without code changes.
