@@ -33,12 +33,16 @@ def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeou
 
 
 class LoggedProcess:
-    """A child process in its own process group, its stdout and stderr appended to ``log_path``."""
+    """A child process in its own process group, its stdout and stderr appended to ``log_path``.
+
+    The file keeps earlier runs' output; :meth:`log` returns only this run's, so a readiness line
+    ("listening on ...", "registered ...") is never matched from a previous run."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log_path = log_path
         with open(log_path, "ab") as stream:
+            self.log_offset = stream.seek(0, os.SEEK_END)
             self.proc = subprocess.Popen(argv, stdout=stream, stderr=stream, stdin=subprocess.DEVNULL, env=env,
                                          start_new_session=True)
 
@@ -47,8 +51,11 @@ class LoggedProcess:
         return self.proc.pid
 
     def log(self) -> str:
+        """What this run of the process wrote (earlier runs' lines in the same file excluded)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as stream:
+                stream.seek(self.log_offset)
+                return stream.read().decode(errors="replace")
         except OSError:
             return ""
 

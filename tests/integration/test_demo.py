@@ -20,6 +20,14 @@ def test_demo_completes_with_a_measured_speedup_and_an_installed_package(tmp_pat
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
     assert "edgetune demo: summary" in text
+    # The summary leads with ONNX Runtime, measured on the board in the same run.
+    summary = text[text.index("edgetune demo: summary"):].splitlines()
+    versus = re.search(r"([\d.]+) ms tuned vs ([\d.]+) ms with ONNX Runtime on the board: tuned is ([\d.]+)x "
+                       r"(faster|slower) than ONNX Runtime", summary[1])
+    assert versus, text
+    tuned_ms, ort_ms, factor = (float(g) for g in versus.groups()[:3])
+    expected = ort_ms / tuned_ms if versus.group(4) == "faster" else tuned_ms / ort_ms
+    assert tuned_ms > 0 and ort_ms > 0 and abs(factor - expected) < 0.02 * expected + 0.01
     speedup = re.search(r"([\d.]+) ms tuned vs ([\d.]+) ms with TVM's default build: ([\d.]+)x faster", text)
     assert speedup, text
     tuned, untuned, ratio = (float(g) for g in speedup.groups())
@@ -43,6 +51,14 @@ def test_demo_completes_with_a_measured_speedup_and_an_installed_package(tmp_pat
     pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", text)]
     assert len(pids) == 2
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+    # A second run in the same folder: its tracker listens on a new port, and the readiness lines of
+    # the first run (still in the appended logs) must not be taken for this run's.
+    again = run_cli([EDGETUNE, "demo", "--trials", "16", "--runs", "10", "--workdir", str(work)], timeout=1500)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "edgetune demo: summary" in again.stdout
+    ports = re.findall(r"tracker listening on [\d.]+:(\d+)", (work / "logs" / "tracker.log").read_text())
+    assert len(ports) == 2, ports
 
 
 def test_ctrl_c_in_the_middle_of_the_demo_leaves_no_process_behind(tmp_path):
