@@ -35,7 +35,7 @@ from ..errors import EdgetuneError
 from ..logs.tuninglog import TuningLog, mean_run_secs, write_json_atomic
 from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
-from ..tuning.tasks import Task, extract_tasks, workload_key
+from ..tuning.tasks import Task, compile_tuned, extract_tasks, log_layout_rewrite, workload_key
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +199,9 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
     tvm_target = tvm.target.Target(target)
 
     say("extracting tasks")
-    tasks = extract_tasks(model.mod, target)
     tuned_db = log.database() if log is not None else ms.database.MemoryDatabase()
+    layout_rewrite = log_layout_rewrite(log.session, log.record_count() > 0) if log is not None else True
+    tasks = extract_tasks(model.mod, target, layout_rewrite)
     tuned = tuned_records(tuned_db, tasks)
     say(f"{len(tuned)} of {len(tasks)} tasks tuned; default schedules for the rest")
     fallback = fallback_database([t for t in tasks if t.index not in tuned], tvm_target)
@@ -216,7 +217,7 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
 
     say("compiling the model")
     try:
-        executable = ms.relax_integration.compile_relax(database, model.mod, tvm_target, params=None)
+        executable = compile_tuned(database, model.mod, tvm_target, layout_rewrite)
     except Exception as err:  # noqa: BLE001 - report TVM's failure in one line
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         raise EdgetuneError(f"compiling {model.name} failed: {(lines[-1] if lines else type(err).__name__)[:300]}") from None
@@ -246,6 +247,7 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
                          "tuned_flops_share": sum(c.flops_share for c in coverage if c.tuned),
                          "log": str(Path(log_dir).resolve()) if log_dir else None},
             "estimated_latency_ms": estimated, "toolchain": toolchain.compiler, "host_check": host_check,
+            "layout_rewrite": layout_rewrite,
         }
         write_json_atomic(staging / "build.json", info)
         # Replace OUT's files only now that everything is written.

@@ -25,10 +25,16 @@ class Task:
                 "workload_hash": self.workload_hash}
 
 
-def lower_for_tuning(mod, target):
-    """The Relax module at the point where MetaSchedule's database is applied by ``compile_relax``:
-    library dispatch, LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR. Extracting
-    tasks from the same form keeps the tuning log's workloads and the build's kernels identical."""
+def lower_for_tuning(mod, target, layout_rewrite: bool = True):
+    """The Relax module at the point where the tuning log is applied: library dispatch, LegalizeOps,
+    AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR. Extracting tasks from the same form the
+    build applies the log to keeps the tuning log's workloads and the build's kernels identical.
+
+    With ``layout_rewrite``, kernels are marked with the buffers that hold weights
+    (``AttachAttrLayoutFreeBuffers``), so MetaSchedule's ``RewriteLayout`` may repack a weight into
+    the layout its schedule reads fastest (ONNX Runtime's CPU kernels do the same with NCHWc). The
+    mark is part of the workload, so a log records which form it was tuned in (see :func:`compile_tuned`).
+    """
     import tvm
     from tvm import relax
     from tvm.relax import pipeline as relax_pipeline
@@ -44,9 +50,45 @@ def lower_for_tuning(mod, target):
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        *([relax.transform.AttachAttrLayoutFreeBuffers()] if layout_rewrite else []),
     ])
     with target, tvm.transform.PassContext(opt_level=3):
         return seq(mod)
+
+
+def compile_tuned(database, mod, target, layout_rewrite: bool = True):
+    """Compile ``mod`` with the schedules of ``database`` applied; returns a Relax VM executable.
+
+    MetaSchedule's ``compile_relax`` with the weight repacking of TVM's ``static_shape_tuning``
+    pipeline: after the database is applied, ``SplitLayoutRewritePreproc`` moves each kernel's weight
+    repacking into a function of its own, which ``FoldConstant`` runs at build time on the weights
+    (bound as constants). The executable's interface is the model's: the repacked weights are inside.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+    @tvm.transform.module_pass(opt_level=3)
+    def _pipeline(mod, _ctx):
+        mod = lower_for_tuning(mod, target, layout_rewrite)
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        if layout_rewrite:
+            mod = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
+                                            relax.transform.FoldConstant()])(mod)
+        return tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target)
+                                        + cpu_pipeline.finalize_passes(target))(mod)
+
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        return relax.build(mod, target=target, relax_pipeline=_pipeline)
+
+
+def log_layout_rewrite(session: dict[str, Any], has_records: bool, wanted: bool = True) -> bool:
+    """The kernel form of a tuning log: what its session recorded; a log with records from before the
+    form was recorded was tuned without layout rewrite; an empty log takes ``wanted``."""
+    recorded = session.get("layout_rewrite")
+    if isinstance(recorded, bool):
+        return recorded
+    return False if has_records else wanted
 
 
 def workload_key(mod) -> str:
@@ -56,14 +98,15 @@ def workload_key(mod) -> str:
     return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
-def extract_tasks(mod, target_dict: dict[str, Any]) -> list[Task]:
-    """The model's tuning tasks for ``target_dict``, most expected benefit (FLOPs x weight) first."""
+def extract_tasks(mod, target_dict: dict[str, Any], layout_rewrite: bool = True) -> list[Task]:
+    """The model's tuning tasks for ``target_dict``, most expected benefit (FLOPs x weight) first;
+    ``layout_rewrite``: the kernel form (see :func:`lower_for_tuning`)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
     target = tvm.target.Target(target_dict)
-    lowered = lower_for_tuning(mod, target)
+    lowered = lower_for_tuning(mod, target, layout_rewrite)
     extracted = ms.relax_integration.extract_tasks(lowered, target)
     tasks = []
     for task in extracted:
