@@ -10,6 +10,8 @@ STAMP := $(VENV)/.edgetune-installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	# xgboost-cpu replaces the CUDA build (and its NVIDIA NCCL) that older venvs had: both own `xgboost`.
+	! $(VENV)/bin/python -m pip show -q xgboost 2>/dev/null || $(VENV)/bin/python -m pip uninstall -q -y xgboost nvidia-nccl-cu12
 	$(VENV)/bin/python -m pip install -q -e '.[host,test]'
 	touch $(STAMP)
 
