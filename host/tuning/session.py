@@ -26,7 +26,7 @@ from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
 from ..tracker.client import TrackerAddr, servers_of_key, tracker_summary
 from .strategy import STRATEGIES
-from .tasks import Task, extract_tasks, workload_key
+from .tasks import Task, extract_tasks, log_layout_rewrite, workload_key
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class TuneOptions:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     no_board_deadline_sec: float | None = None
     seed: int | None = None
+    layout_rewrite: bool = True  # kernel form of a new log (a resumed log keeps its own)
+    scheduler: str = "weighted"  # or "gradient": MetaSchedule's own, with budget / tasks trials per batch
 
 
 @dataclass
@@ -292,6 +294,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
     from .builder import WarmBuilder
     from .intrinsics import cpu_intrinsics_only
     from .runner import BoardRunner, SessionStop
+    from .scheduler import WeightedScheduler, batch_sizes
     from .strategy import Budget, BudgetedStrategy
 
     emit = on_event or (lambda event: None)
@@ -330,10 +333,11 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
         seed_records, seed_log = _load_records(options.from_log)
     boards = _check_boards(options.tracker, options.key)
 
-    tasks = extract_tasks(model.mod, target)
+    done_before = log.record_count()
+    layout_rewrite = log_layout_rewrite(log.session, done_before > 0, options.layout_rewrite)
+    tasks = extract_tasks(model.mod, target, layout_rewrite)
     if not tasks:
         raise EdgetuneError(f"{model.name} has no kernels to tune for this target")
-    done_before = log.record_count()
     remaining = options.trials - done_before
     history = log.history()
     elapsed_before = float(log.session.get("elapsed_s", 0.0))
@@ -342,6 +346,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
         "model": model.describe(), "key": options.key, "target": target, "board": board,
         "strategy": options.strategy, "budget": options.trials, "trials_done": done_before,
         "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
+        "layout_rewrite": layout_rewrite,
     })
     session.setdefault("runs", [])
     _close_killed_runs(session["runs"], history, done_before)
@@ -415,8 +420,12 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
                                runner, progress, budget)
             cost_info["replayed_seed_best"] = replayed
         if budget.remaining > 0:
-            # Small budgets: a few trials for every task rather than many for the first few.
-            per_iter = max(2, min(32, budget.remaining // max(1, len(tasks))))
+            if options.scheduler == "gradient":
+                per_iter, scheduler = max(2, min(32, budget.remaining // max(1, len(tasks)))), "gradient"
+            else:
+                first_batch, per_iter = batch_sizes(budget.remaining, len(tasks))
+                budget.first_batch = first_batch
+                scheduler = WeightedScheduler(lambda: [s.best_us for s in progress.summaries], weights)
             ms.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=str(log.path),
                 max_trials_global=budget.remaining, max_trials_per_task=budget.remaining,
@@ -424,7 +433,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
                 cost_model=cost_model,
                 measure_callbacks=[ms.measure_callback.AddToDatabase(), _history_callback(progress),
                                    ms.measure_callback.UpdateCostModel()],
-                task_scheduler="gradient",
+                task_scheduler=scheduler,
             )
     except SessionStop as err:
         status, message = "stopped-no-board", str(err)

@@ -58,6 +58,7 @@ class Budget:
 
     remaining: int
     early_stopping: int | None = None
+    first_batch: int | None = None  # trials of each task's first batch (the scheduler's short first pass)
     early_stopped: list[str] = field(default_factory=list)  # names of tasks stopped for no improvement
     repeats_skipped: int = 0  # candidates dropped because the log (or their batch) already had them
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -95,6 +96,7 @@ class BudgetedStrategy(PySearchStrategy):
         self.mod = None
         self.measured: set[int] = set()
         self.duplicates_dropped = 0
+        self.batches = 0
 
     def _initialize_with_tune_context(self, context) -> None:
         self.task_name = str(context.task_name)
@@ -121,9 +123,13 @@ class BudgetedStrategy(PySearchStrategy):
             self.inner.notify_runner_results([], [])  # nothing measured; the inner search goes on
         else:
             return None
-        granted = self.budget.take(len(fresh))
+        wanted = len(fresh)
+        if self.batches == 0 and self.budget.first_batch:
+            wanted = min(wanted, self.budget.first_batch)
+        granted = self.budget.take(wanted)
         if granted == 0:
             return None
+        self.batches += 1
         fresh = fresh[:granted]
         self.measured.update(key for key, _ in fresh)
         return [candidate for _, candidate in fresh]

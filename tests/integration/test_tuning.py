@@ -274,3 +274,31 @@ def test_log_merge_and_export(cold_log, tmp_path):
     (other / "database_tuning_record.json").write_text("")
     out = run_cli([EDGETUNE, "log", "merge", str(cold), str(other), "-o", str(tmp_path / "mixed")], timeout=300)
     assert out.returncode == 1 and "records of different targets never mix" in out.stderr
+
+
+def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_time(cold_log):
+    from host.tuning.scheduler import batch_sizes
+
+    session, history = session_of(cold_log["dir"]), history_of(cold_log["dir"])
+    assert session["layout_rewrite"] is True
+    tasks = session["tasks"]
+    first, _ = batch_sizes(session["budget"], len(tasks))
+    # One batch = consecutive trials of one task recorded together.
+    batches: list[list[dict]] = []
+    for entry in history:
+        if batches and batches[-1][0]["task"] == entry["task"] and batches[-1][0]["elapsed_s"] == entry["elapsed_s"]:
+            batches[-1].append(entry)
+        else:
+            batches.append([entry])
+    assert [b[0]["task"] for b in batches[:len(tasks)]] == list(range(len(tasks)))
+    assert all(len(b) <= first for b in batches[:len(tasks)])
+    assert len(batches) > len(tasks), "the budget left after the first pass was not spent"
+    best = {}
+    for b in batches[:len(tasks)]:
+        measured = [e["latency_us"] for e in b if e["latency_us"] is not None]
+        if measured:
+            best[b[0]["task"]] = min(measured)
+    weight = {t["index"]: t["weight"] for t in tasks}
+    unmeasured = [t["index"] for t in tasks if t["index"] not in best]  # retried before anything else
+    heaviest = max(best, key=lambda i: weight[i] * best[i])
+    assert batches[len(tasks)][0]["task"] == (unmeasured[0] if unmeasured else heaviest)

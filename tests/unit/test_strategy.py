@@ -118,3 +118,16 @@ def test_records_of_another_workload_do_not_count(workload):
     database = ms.database.MemoryDatabase()
     _commit(database, other, _strategy(other, database, Budget(remaining=10), fixed=True).generate_measure_candidates())
     assert len(_strategy(workload, database, Budget(remaining=10), fixed=True).generate_measure_candidates()) == 1
+
+
+def test_the_first_batch_of_a_task_is_trimmed_to_the_short_first_pass(workload):
+    from tvm.s_tir import meta_schedule as ms
+
+    from host.tuning.strategy import Budget
+
+    budget = Budget(remaining=64, first_batch=2)
+    strategy = _strategy(workload, ms.database.MemoryDatabase(), budget, per_iter=8)
+    assert len(strategy.generate_measure_candidates()) == 2
+    strategy.notify_runner_results([], [])
+    assert len(strategy.generate_measure_candidates()) == 8  # later batches are full
+    assert budget.remaining == 64 - 10

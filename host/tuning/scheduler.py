@@ -1,0 +1,93 @@
+"""Which task gets the next batch of trials: a short first pass, then trials where the model's time is.
+
+MetaSchedule's gradient scheduler gives every task one full batch before task weights count at all;
+with the batch size a session can afford (budget / tasks), most of a small budget went into that
+uniform pass and no task ever saw a cost-model-guided second batch. Here:
+
+1. first pass: every task gets one short batch (the strategy trims it, see ``BudgetedStrategy``), so
+   each task has a measured latency and the shared XGBoost model has data from every kernel shape;
+2. then each batch goes to the task with the largest ``weight x best latency / batches so far``: a
+   task's trials grow with its share of the model's time, and a kernel that is a tiny share of it
+   (below ``MIN_TIME_SHARE``) gets no more trials while a bigger one is left.
+A task whose first batch failed entirely (no latency yet) is tried again before any other.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.task_scheduler import PyTaskScheduler
+
+logger = logging.getLogger(__name__)
+
+# A kernel carrying less than this share of the model's estimated time gets no trials after the
+# first pass while a larger one can still take them: 0.5% of the time cannot repay a batch.
+MIN_TIME_SHARE = 0.005
+# Tasks with no successful trial yet are retried at most this many batches before they are left to
+# the build's default schedule.
+MAX_BATCHES_WITHOUT_RESULT = 3
+
+
+def batch_sizes(remaining: int, tasks: int) -> tuple[int, int]:
+    """(first-pass batch, later batch) for a session with ``remaining`` trials over ``tasks`` tasks:
+    the first pass takes at most half the budget, later batches are big enough to keep the build
+    workers and the boards busy (16, MetaSchedule's own default is 64)."""
+    tasks = max(1, tasks)
+    first = max(2, min(8, remaining // (2 * tasks)))
+    later = max(first, min(16, remaining // tasks))
+    return first, later
+
+
+def next_task(best_us: Sequence[float | None], weights: Sequence[float], batches: Sequence[int],
+              live: Sequence[int]) -> int | None:
+    """The index (among ``live``) that gets the next batch, per the rules above; None if none is left.
+
+    ``best_us``: each task's best latency so far (None: no successful trial), ``weights``: how often
+    the model runs it, ``batches``: batches it had in this session.
+    """
+    if not live:
+        return None
+    untouched = [i for i in live if batches[i] == 0]
+    if untouched:
+        return untouched[0]
+    unmeasured = [i for i in live if best_us[i] is None and batches[i] < MAX_BATCHES_WITHOUT_RESULT]
+    if unmeasured:
+        return min(unmeasured, key=lambda i: batches[i])
+    measured = [i for i in live if best_us[i] is not None]
+    if not measured:
+        return None
+    times = {i: weights[i] * float(best_us[i]) for i in measured}  # type: ignore[arg-type]
+    total = sum(times.values()) or 1.0
+    worth = [i for i in measured if times[i] / total >= MIN_TIME_SHARE] or measured
+    return max(worth, key=lambda i: (times[i] / batches[i], -i))
+
+
+@derived_object
+class WeightedScheduler(PyTaskScheduler):
+    """A MetaSchedule task scheduler that follows :func:`next_task`.
+
+    ``best_us`` is read live (the session's history callback updates it after every batch).
+    """
+
+    def __init__(self, best_us, weights: Sequence[float]) -> None:
+        super().__init__()
+        self.best_us = best_us  # callable: () -> list of each task's best latency in us, or None
+        self.weights = list(weights)
+        self.batches = [0] * len(self.weights)
+        self._running: int | None = None
+
+    def next_task_id(self) -> int:
+        outer = self._outer()
+        if self._running is not None:
+            task_id, self._running = self._running, None
+            if not outer.tasks_[task_id].is_terminated:
+                self.join_running_task(task_id)  # measure callbacks run here: bests are up to date
+        live = [i for i, task in enumerate(outer.tasks_) if not task.is_terminated]
+        chosen = next_task(self.best_us(), self.weights, self.batches, live)
+        if chosen is None:
+            return -1
+        self.batches[chosen] += 1
+        self._running = chosen
+        return chosen

@@ -1,0 +1,62 @@
+"""Which task gets the next batch: a short first pass, then trials where the model's time is."""
+
+from __future__ import annotations
+
+import pytest
+
+from host.tuning.scheduler import MAX_BATCHES_WITHOUT_RESULT, MIN_TIME_SHARE, batch_sizes, next_task
+
+
+def test_every_task_gets_a_batch_before_any_gets_a_second():
+    batches = [0, 0, 0]
+    order = []
+    for _ in range(3):
+        chosen = next_task([None, None, None], [1, 1, 1], batches, [0, 1, 2])
+        order.append(chosen)
+        batches[chosen] += 1
+    assert order == [0, 1, 2]
+
+
+def test_after_the_first_pass_trials_follow_the_share_of_model_time():
+    # task 0 carries 9 ms x 1, task 1 carries 1 ms x 1: about nine batches to one.
+    best = [9000.0, 1000.0]
+    batches = [1, 1]
+    for _ in range(18):
+        batches[next_task(best, [1, 1], batches, [0, 1])] += 1
+    assert batches[0] == pytest.approx(9 * batches[1], abs=9)
+    assert batches[1] >= 2
+
+
+def test_weight_counts_as_much_as_latency():
+    # the same kernel latency, but the model runs task 1 six times
+    chosen = next_task([100.0, 100.0], [1, 6], [1, 1], [0, 1])
+    assert chosen == 1
+
+
+def test_a_tiny_share_of_the_model_gets_no_more_trials_while_a_larger_one_is_left():
+    best = [10_000.0, 10_000.0 * MIN_TIME_SHARE / 2]
+    batches = [50, 1]  # even after many batches of task 0, task 1 stays capped
+    assert next_task(best, [1, 1], batches, [0, 1]) == 0
+    # once the large task is finished (terminated), the small one may take what is left
+    assert next_task(best, [1, 1], batches, [1]) == 1
+
+
+def test_a_task_without_a_result_is_retried_a_few_times_then_left():
+    best = [5000.0, None]
+    assert next_task(best, [1, 1], [1, 1], [0, 1]) == 1
+    assert next_task(best, [1, 1], [1, MAX_BATCHES_WITHOUT_RESULT], [0, 1]) == 0
+    assert next_task([None], [1], [MAX_BATCHES_WITHOUT_RESULT], [0]) is None
+    assert next_task(best, [1, 1], [1, 1], []) is None
+
+
+@pytest.mark.parametrize("remaining,tasks,first,later", [
+    (64, 7, 4, 9),      # tiny_cnn at 64 trials: half the budget in the first pass at most
+    (16, 7, 2, 2),
+    (500, 32, 7, 15),   # mobilenet_v2
+    (2000, 32, 8, 16),
+    (3, 7, 2, 2),
+])
+def test_batch_sizes(remaining, tasks, first, later):
+    assert batch_sizes(remaining, tasks) == (first, later)
+    if remaining >= 4 * tasks:
+        assert first * tasks <= remaining // 2
