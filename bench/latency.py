@@ -1,5 +1,14 @@
-"""Model latency on the board: tuned (after N trials) against TVM's default build, and against ONNX
-Runtime on the same machine. Prints JSON with p50s and the ratios."""
+"""Model latency on the board after N trials: tuned against ONNX Runtime (what a user would run
+instead, timed on the board itself) and against TVM's default build, all measured in one run.
+
+    python bench/latency.py --models tiny_cnn,mobilenet_v2,resnet18 --trials 500
+
+Prints JSON: per model the p50 of ONNX Runtime, untuned and tuned, the ratios, and the trials and
+minutes the tuning took. The tuning logs are kept (``--logs``, default ``~/.cache/edgetune/bench-logs``)
+under a name of model, trials and variant, so a rerun measures again without tuning again.
+``--no-layout-rewrite`` and ``--scheduler gradient`` tune the A/B variants of those levers.
+Timings are taken only while nothing else is built: tuning first, then the builds, then the timings.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +18,33 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
 from _bed import local_board
 
 
-def onnxruntime_p50_ms(model_path: str, inputs: dict, runs: int) -> float:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
-    for _ in range(5):
-        session.run(None, inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, inputs)
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.percentile(times, 50))
+def variant_name(args) -> str:
+    parts = []
+    if args.no_layout_rewrite:
+        parts.append("nolr")
+    if args.scheduler != "weighted":
+        parts.append(args.scheduler)
+    if args.seed is not None:
+        parts.append(f"seed{args.seed}")
+    return "-".join(parts) or "default"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="tiny_cnn")
-    parser.add_argument("--trials", type=int, default=64)
-    parser.add_argument("--log", help="an existing tuning log to use instead of tuning")
-    parser.add_argument("--runs", type=int, default=50)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny_cnn", help="comma-separated models (shared/models names or paths)")
+    parser.add_argument("--trials", type=int, default=64, help="tuning budget per model")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs of each build")
+    parser.add_argument("--logs", default=str(Path.home() / ".cache" / "edgetune" / "bench-logs"),
+                        help="where the tuning logs are kept (reused by a rerun)")
+    parser.add_argument("--no-layout-rewrite", action="store_true", help="A/B: tune without weight repacking")
+    parser.add_argument("--scheduler", default="weighted", choices=("weighted", "gradient"),
+                        help="A/B: MetaSchedule's gradient scheduler with budget/tasks trials per batch")
+    parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
     # MetaSchedule prints its scheduler tables to stdout at INFO: keep stdout for the JSON figures.
@@ -41,30 +52,34 @@ def main() -> None:
 
     from device_agent.probe import read_profile
     from host.bench.bench import bench
-    from host.build.build import reference_io
-    from host.models.onnx_import import load_onnx
+    from host.logs.tuninglog import TuningLog
     from host.tuning.session import TuneOptions, run_session
 
     target = read_profile().target
+    figures = []
     with local_board() as bed:
-        log_dir = args.log
-        tuned_trials = None
-        if log_dir is None:
-            log_dir = str(bed["work"] / "log")
-            result = run_session(TuneOptions(model=args.model, key=bed["key"], trials=args.trials, log_dir=log_dir,
-                                             tracker=bed["tracker"], target=target))
-            tuned_trials = result.trials_done
-        measured = bench(args.model, bed["key"], bed["tracker"], log_dir=log_dir, runs=args.runs)
-    model = load_onnx(args.model)
-    inputs, _ = reference_io(model)
-    ort_ms = onnxruntime_p50_ms(str(model.path), inputs, args.runs)
-    figures = {
-        "model": args.model, "trials": tuned_trials, "target": target,
-        "tuned_p50_ms": round(measured.tuned.p50_ms, 4), "untuned_p50_ms": round(measured.untuned.p50_ms, 4),
-        "onnxruntime_p50_ms": round(ort_ms, 4),
-        "tuned_vs_untuned_speedup": round(measured.untuned.p50_ms / measured.tuned.p50_ms, 2),
-        "tuned_over_onnxruntime": round(measured.tuned.p50_ms / ort_ms, 2),
-    }
+        for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+            log_dir = Path(args.logs) / f"{Path(model).stem}-{args.trials}-{variant_name(args)}"
+            started = time.monotonic()
+            result = run_session(TuneOptions(model=model, key=bed["key"], trials=args.trials, log_dir=str(log_dir),
+                                             tracker=bed["tracker"], target=target, seed=args.seed,
+                                             layout_rewrite=not args.no_layout_rewrite, scheduler=args.scheduler))
+            tuned_now = time.monotonic() - started
+            session = TuningLog.open(log_dir).session
+            measured = bench(model, bed["key"], bed["tracker"], log_dir=str(log_dir), runs=args.runs)
+            if measured.onnxruntime is None or measured.tuned is None or measured.untuned is None:
+                raise SystemExit(f"{model}: incomplete measurement: {measured.notes}")
+            ort, tuned, untuned = measured.onnxruntime.p50_ms, measured.tuned.p50_ms, measured.untuned.p50_ms
+            figures.append({
+                "model": Path(model).stem, "variant": variant_name(args), "trials": result.trials_done,
+                "tuning_minutes": round(float(session.get("elapsed_s", tuned_now)) / 60, 2),
+                "tuned_this_run": result.trials_this_run > 0, "log": str(log_dir),
+                "layout_rewrite": session.get("layout_rewrite"),
+                "onnxruntime_p50_ms": round(ort, 4), "untuned_p50_ms": round(untuned, 4), "tuned_p50_ms": round(tuned, 4),
+                "tuned_over_onnxruntime": round(tuned / ort, 3), "untuned_over_tuned": round(untuned / tuned, 2),
+                "max_abs_err": {"tuned": measured.tuned.max_abs_err, "onnxruntime": measured.onnxruntime.max_abs_err},
+                "target": target,
+            })
     json.dump(figures, sys.stdout, indent=2)
     print()
 

@@ -78,7 +78,7 @@ def make_record(options: ServeOptions, rpc_port: int, profile, board: str) -> Bo
 
 def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
     """Run the board until SIGTERM/SIGINT. Raises :class:`AgentError` on bad options or set-up failures."""
-    from . import probe
+    from . import ort_bench, probe
     from .mdns import Advertiser, TrackerLocator, advertised_addresses, open_zeroconf
     from .server import RPCAgentServer, bind_listen_socket
 
@@ -100,6 +100,7 @@ def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
     try:
         profile = probe.read_profile()
         record = make_record(options, port, profile, board_id(store))
+        ort_bench.register()  # ONNX Runtime on the board, for `edgetune bench`
         if options.advertise or options.tracker is None:
             zc = open_zeroconf()
         tracker_source: Callable[[], tuple[str, int] | None]

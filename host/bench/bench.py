@@ -1,6 +1,9 @@
-"""``edgetune bench``: on-board latency, tuned against untuned (TVM's default build) in the same run.
+"""``edgetune bench``: on-board latency, tuned against ONNX Runtime and against untuned (TVM's default
+build), all measured on the same board in the same run.
 
-Both builds are uploaded to a board of the key through the tracker and timed there with TVM's own
+ONNX Runtime is what a user would run instead: the board times it itself (the agent's
+``edgetune.onnxruntime_bench`` RPC function, with the optional ``[ort]`` extra installed there) on the
+same input, and its output is checked like the builds'. Both builds are uploaded to a board of the key through the tracker and timed there with TVM's own
 time evaluator: warm-up runs, then ``runs`` single timed runs, giving p50/p90/p99 and the mean, plus
 the first-load time (upload excluded: load + VM set-up + first run). The board's output is checked
 against ONNX Runtime's on the workstation for the same input.
@@ -8,6 +11,8 @@ against ONNX Runtime's on the workstation for the same input.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import tarfile
@@ -55,12 +60,30 @@ class BenchResult:
     untuned: Timing | None
     speedup: float | None = None  # untuned p50 / tuned p50
     notes: list[str] = field(default_factory=list)
+    onnxruntime: Timing | None = None
+
+    @property
+    def onnxruntime_ratio(self) -> float | None:
+        """Tuned p50 / ONNX Runtime p50 on the board: below 1 the tuned model is faster."""
+        if self.tuned is None or self.onnxruntime is None or self.onnxruntime.p50_ms <= 0:
+            return None
+        return self.tuned.p50_ms / self.onnxruntime.p50_ms
 
     def as_dict(self) -> dict[str, Any]:
+        ratio = self.onnxruntime_ratio
         return {"model": self.model, "key": self.key, "target": self.target,
                 "tuned": self.tuned.as_dict() if self.tuned else None,
                 "untuned": self.untuned.as_dict() if self.untuned else None,
-                "speedup": round(self.speedup, 3) if self.speedup else None, "notes": self.notes}
+                "onnxruntime": self.onnxruntime.as_dict() if self.onnxruntime else None,
+                "speedup": round(self.speedup, 3) if self.speedup else None,
+                "tuned_over_onnxruntime": round(ratio, 4) if ratio else None, "notes": self.notes}
+
+
+def vs_onnxruntime(ratio: float, where: str = "on the board") -> str:
+    """One phrase for tuned p50 / ONNX Runtime p50 (``ratio``), the comparison users care about."""
+    if ratio <= 1.0:
+        return f"tuned is {1 / ratio:.2f}x faster than ONNX Runtime {where}"
+    return f"tuned is {ratio:.2f}x slower than ONNX Runtime {where}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -76,8 +99,7 @@ def time_on_board(tracker: TrackerAddr, key: str, module_path: Path, inputs: lis
 
     from ..build.build import flatten_outputs
 
-    wait = config.NO_BOARD_DEADLINE_SEC if deadline_sec is None else deadline_sec
-    session, board = request_session(tracker, key, config.BENCH_SESSION_SEC, time.monotonic() + wait)
+    session, board = _board_session(tracker, key, deadline_sec)
     remote_name = f"bench-{label}-{os.getpid()}.so"
     try:
         session.upload(str(module_path), remote_name)
@@ -113,6 +135,58 @@ def time_on_board(tracker: TrackerAddr, key: str, module_path: Path, inputs: lis
                   float(np.mean(ms)), first_load_ms, err, board)
 
 
+def _board_session(tracker: TrackerAddr, key: str, deadline_sec: float | None):
+    wait = config.NO_BOARD_DEADLINE_SEC if deadline_sec is None else deadline_sec
+    return request_session(tracker, key, config.BENCH_SESSION_SEC, time.monotonic() + wait)
+
+
+def onnxruntime_on_board(tracker: TrackerAddr, key: str, onnx_path: Path, inputs: dict[str, np.ndarray],
+                         expected: list[np.ndarray] | None, runs: int,
+                         deadline_sec: float | None = None) -> tuple[Timing | None, str | None]:
+    """Time ONNX Runtime on a free board of ``key`` (the agent's ``edgetune.onnxruntime_bench``).
+
+    Returns (timing, None), or (None, a note saying why not and how to fix it) when the board has no
+    ONNX Runtime or is not an edgetune agent. Raises :class:`EdgetuneError` when no board answers.
+    """
+    from device_agent.ort_bench import FUNCTION
+
+    session, board = _board_session(tracker, key, deadline_sec)
+    stem = f"bench-ort-{os.getpid()}"
+    names = (f"{stem}.onnx", f"{stem}-in.npz", f"{stem}-out.npz")
+    with tempfile.TemporaryDirectory(prefix="edgetune-ort-") as tmp:
+        local_in = Path(tmp) / "in.npz"
+        np.savez(local_in, **inputs)
+        try:
+            try:
+                remote = session.get_function(FUNCTION)
+            except Exception:  # noqa: BLE001 - a plain TVM RPC server or an older agent
+                return None, (f"board {board} cannot run ONNX Runtime (not an edgetune agent, or an older one): "
+                              "update edgetune-agent there to compare with ONNX Runtime on the board")
+            session.upload(str(onnx_path), names[0])
+            session.upload(str(local_in), names[1])
+            answer = json.loads(remote(names[0], names[1], names[2], runs))
+            if not answer.get("available"):
+                return None, f"board {board}: {answer.get('error')}"
+            outputs = np.load(io.BytesIO(bytes(session.download(names[2]))))
+            got = [outputs[f"output_{i}"] for i in range(len(outputs.files))]
+        except Exception as err:  # noqa: BLE001 - anything the board raises: one line
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            raise EdgetuneError(f"ONNX Runtime benchmark on board {board} failed: "
+                                f"{(lines[-1] if lines else type(err).__name__)[:300]}") from None
+        finally:
+            for name in names:
+                try:
+                    session.remove(name)
+                except Exception:  # noqa: BLE001 - the session may be gone
+                    pass
+    err = None
+    if expected is not None:
+        err = max(float(np.max(np.abs(o.astype("float64") - e.astype("float64")))) for o, e in zip(got, expected))
+    ms = [float(v) for v in answer["ms"]]
+    return Timing(f"onnxruntime {answer.get('version', '')}".strip(), len(ms), percentile(ms, 50), percentile(ms, 90),
+                  percentile(ms, 99), float(np.mean(ms)), 0.0, err, board), None
+
+
 def _untuned_build(model, target: dict[str, Any], path: Path) -> None:
     """TVM's default build: ``tvm.compile`` with no schedules (what a user gets without tuning)."""
     import tvm
@@ -122,8 +196,6 @@ def _untuned_build(model, target: dict[str, Any], path: Path) -> None:
 
 
 def _unpack_package(pkg: Path, into: Path) -> dict[str, Any]:
-    import json
-
     try:
         with tarfile.open(pkg) as tar:
             manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
@@ -144,9 +216,10 @@ def _unpack_package(pkg: Path, into: Path) -> dict[str, Any]:
 def bench(model_or_pkg: str, key: str, tracker: TrackerAddr, log_dir: str | None = None,
           model: str | None = None, target: dict[str, Any] | None = None, runs: int = 50,
           input_shapes: dict[str, tuple[int, ...]] | None = None,
-          on_progress: Callable[[str], None] | None = None) -> BenchResult:
+          on_progress: Callable[[str], None] | None = None, with_untuned: bool = True,
+          with_onnxruntime: bool = True) -> BenchResult:
     """Benchmark a model (tuned = built with ``log_dir``) or a package (tuned = its module; untuned
-    needs the ONNX ``model``) on a board of ``key``. Raises :class:`EdgetuneError`."""
+    and ONNX Runtime need the ONNX ``model``) on a board of ``key``. Raises :class:`EdgetuneError`."""
     from ..build.build import build as run_build
     from ..logs.tuninglog import TuningLog
 
@@ -180,7 +253,7 @@ def bench(model_or_pkg: str, key: str, tracker: TrackerAddr, log_dir: str | None
             tuned_path = None
             if log_dir:
                 say("building the tuned model")
-                run_build(model_or_pkg, key, work / "tuned", log_dir, target, input_shapes=input_shapes)
+                run_build(model_or_pkg, key, work / "tuned", log_dir, target, input_shapes=input_shapes, compare=False)
                 tuned_path = work / "tuned" / "model.so"
             else:
                 notes.append("tuned build skipped: pass --log DIR to compare the tuned model")
@@ -193,12 +266,19 @@ def bench(model_or_pkg: str, key: str, tracker: TrackerAddr, log_dir: str | None
         if tuned_path is not None:
             say("timing the tuned build on the board")
             tuned = time_on_board(tracker, key, tuned_path, inputs, expected, runs, "tuned")
-        if onnx_model is not None:
+        if onnx_model is not None and with_untuned:
             say("building and timing the untuned (default) build")
             _untuned_build(onnx_model, target, work / "untuned.so")
             untuned = time_on_board(tracker, key, work / "untuned.so", inputs, expected, runs, "untuned")
+        ort = None
+        if onnx_model is not None and with_onnxruntime:
+            say("timing ONNX Runtime on the board")
+            ort, note = onnxruntime_on_board(tracker, key, onnx_model.path,
+                                             {s.name: a for s, a in zip(onnx_model.inputs, inputs)}, expected, runs)
+            if note:
+                notes.append(note)
         speedup = untuned.p50_ms / tuned.p50_ms if (tuned and untuned and tuned.p50_ms > 0) else None
-        return BenchResult(name, key, target, tuned, untuned, speedup, notes)
+        return BenchResult(name, key, target, tuned, untuned, speedup, notes, ort)
     finally:
         import shutil
 

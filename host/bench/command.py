@@ -32,6 +32,7 @@ def bench(model_or_package: str, key: str, log_dir: str | None, model: str | Non
     from ..toolchain import parse_target
     from ..tracker.client import resolve_tracker
     from .bench import bench as run_bench
+    from .bench import vs_onnxruntime
 
     result = run_bench(model_or_package, key, resolve_tracker(tracker), log_dir, model,
                        parse_target(target_json) if target_json else None, runs, parse_input_shapes(input_shapes),
@@ -39,14 +40,17 @@ def bench(model_or_package: str, key: str, log_dir: str | None, model: str | Non
 
     def render(r) -> str:
         rows = []
-        for t in (r.tuned, r.untuned):
+        for t in (r.tuned, r.onnxruntime, r.untuned):
             if t is not None:
                 rows.append([t.label, f"{t.p50_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.p99_ms:.3f}", f"{t.mean_ms:.3f}",
                              f"{t.first_load_ms:.1f}", f"{t.max_abs_err:.1e}" if t.max_abs_err is not None else "-",
                              t.runs, t.board])
         text = table(rows, ["BUILD", "P50 ms", "P90 ms", "P99 ms", "MEAN ms", "FIRST LOAD ms", "MAX ERR", "RUNS", "BOARD"])
+        text += "\n"
+        if r.onnxruntime_ratio:
+            text += f"\n{vs_onnxruntime(r.onnxruntime_ratio)} (p50) on {r.model} for key {r.key!r}"
         if r.speedup:
-            text += f"\n\ntuned is {r.speedup:.2f}x the untuned build (p50) on {r.model} for key {r.key!r}"
+            text += f"\ntuned is {r.speedup:.2f}x faster than TVM's untuned build (p50)"
         for note in r.notes:
             text += f"\nnote: {note}"
         return text

@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 # Cost written on fallback records: far above any measurement, so a tuned record always wins.
 FALLBACK_RUN_SECS = 1e6
 REFERENCE_SEED = 20240
+# Timed runs of the tuned build and ONNX Runtime when a build is compared on the workstation; TVM's
+# untuned build takes up to seconds a run (resnet18), so it gets fewer.
+COMPARE_RUNS = 20
+UNTUNED_COMPARE_RUNS = 3
 
 
 @dataclass
@@ -164,6 +168,38 @@ def run_module(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
     return flatten_outputs(out)
 
 
+def p50_here_ms(path: Path, inputs: list[np.ndarray], runs: int) -> float:
+    """Median latency (ms) of an exported Relax VM module on this machine's CPU, after a warm-up run."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    vm.set_input("main", *[tvm.runtime.tensor(a) for a in inputs])
+    vm.invoke_stateful("main")
+    timer = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=runs)
+    return float(np.median(timer("main").results)) * 1000.0
+
+
+def compare_here(model: Model, tuned_path: Path, inputs: dict[str, np.ndarray], target: dict[str, Any],
+                 runs: int = COMPARE_RUNS) -> dict[str, float]:
+    """p50 (ms) on this workstation of the tuned build, ONNX Runtime and TVM's untuned build, one after
+    the other (nothing is built while one is timed)."""
+    from device_agent.ort_bench import run as onnxruntime_run
+
+    from ..bench.bench import _untuned_build
+
+    ordered = [inputs[s.name] for s in model.inputs]
+    figures = {"tuned_p50_ms": p50_here_ms(tuned_path, ordered, runs)}
+    with tempfile.TemporaryDirectory(prefix="edgetune-compare-") as tmp:
+        np.savez(Path(tmp) / "in.npz", **inputs)
+        answer = onnxruntime_run(str(model.path), str(Path(tmp) / "in.npz"), str(Path(tmp) / "out.npz"), runs)
+        if answer.get("available"):
+            figures["onnxruntime_p50_ms"] = float(np.median(answer["ms"]))
+        _untuned_build(model, target, Path(tmp) / "untuned.so")
+        figures["untuned_p50_ms"] = p50_here_ms(Path(tmp) / "untuned.so", ordered, UNTUNED_COMPARE_RUNS)
+    return figures
+
+
 def flatten_outputs(out) -> list[np.ndarray]:
     if hasattr(out, "numpy"):
         return [out.numpy()]
@@ -173,8 +209,11 @@ def flatten_outputs(out) -> list[np.ndarray]:
 def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = None,
           target: dict[str, Any] | None = None, board: dict[str, Any] | None = None,
           input_shapes: dict[str, tuple[int, ...]] | None = None,
-          on_progress: Callable[[str], None] | None = None) -> BuildResult:
+          on_progress: Callable[[str], None] | None = None, compare: bool = True) -> BuildResult:
     """Compile ``model_path`` for ``target`` with the tuning log applied and write OUT.
+
+    When this machine can run the target, the build's output is checked against ONNX Runtime here,
+    and with ``compare`` it is timed against ONNX Runtime and TVM's untuned build (``host_check``).
 
     The target comes from ``target``, else the log's session. Raises :class:`EdgetuneError` for a log
     of another model or target, a missing toolchain, or a model that does not import.
@@ -237,6 +276,9 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
             got = run_module(staging / "model.so", [inputs[s.name] for s in model.inputs])
             err = max(float(np.max(np.abs(g.astype("float64") - e.astype("float64")))) for g, e in zip(got, outputs))
             host_check = {"ran_on": "workstation", "max_abs_err": err}
+            if compare:
+                say("timing the build against ONNX Runtime and TVM's untuned build on this workstation")
+                host_check.update(compare_here(model, staging / "model.so", inputs, target))
         info = {
             "format": 1,
             "model": {"name": model.name, "sha256": model.sha256},

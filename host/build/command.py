@@ -16,9 +16,11 @@ from ..cliutil import emit, json_option, table
 @click.option("--target", "target_json", metavar="JSON", help="TVM target (default: the log's, else the board's agent).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDxD",
               help="Static shape of an input the model leaves symbolic (repeatable).")
+@click.option("--no-compare", is_flag=True,
+              help="Skip timing the build against ONNX Runtime and TVM's untuned build on this workstation.")
 @json_option
 def build(model: str, key: str, log_dir: str | None, out_dir: str, target_json: str | None,
-          input_shapes: tuple[str, ...], as_json: bool) -> None:
+          input_shapes: tuple[str, ...], no_compare: bool, as_json: bool) -> None:
     """Compile a model for a board with its tuning log applied; report what was tuned.
 
     \b
@@ -27,6 +29,7 @@ def build(model: str, key: str, log_dir: str | None, out_dir: str, target_json: 
     """
     from ..models.onnx_import import parse_input_shapes
     from ..toolchain import parse_target
+    from ..bench.bench import vs_onnxruntime
     from .build import build as run_build
 
     target, board = None, None
@@ -42,7 +45,7 @@ def build(model: str, key: str, log_dir: str | None, out_dir: str, target_json: 
             raise EdgetuneError(f"no target for key {key!r}: pass --log DIR or --target JSON, or start its agent")
         target, board = found
     result = run_build(model, key, out_dir, log_dir, target, board, parse_input_shapes(input_shapes),
-                       on_progress=None if as_json else (lambda m: click.echo(m, err=True)))
+                       on_progress=None if as_json else (lambda m: click.echo(m, err=True)), compare=not no_compare)
 
     def render(r) -> str:
         rows = [[c.index, c.name, c.weight, "tuned" if c.tuned else "fallback",
@@ -54,8 +57,17 @@ def build(model: str, key: str, log_dir: str | None, out_dir: str, target_json: 
                  f"the rest use MetaSchedule's default schedule for the target.")
         if r.estimated_latency_ms is not None:
             text += f"\nestimated latency from the log: {r.estimated_latency_ms:.3f} ms"
-        if r.host_check:
-            text += f"\nran here, max abs error against ONNX Runtime: {r.host_check['max_abs_err']:.2e}"
+        check = r.host_check
+        if check:
+            text += f"\nran here, max abs error against ONNX Runtime: {check['max_abs_err']:.2e}"
+            if "onnxruntime_p50_ms" in check:
+                text += (f"\non this workstation: {check['tuned_p50_ms']:.3f} ms tuned vs {check['onnxruntime_p50_ms']:.3f} ms "
+                         f"ONNX Runtime: {vs_onnxruntime(check['tuned_p50_ms'] / check['onnxruntime_p50_ms'], 'here')}")
+            if "untuned_p50_ms" in check:
+                text += (f"; {check['untuned_p50_ms'] / check['tuned_p50_ms']:.2f}x faster than TVM's untuned build "
+                         f"({check['untuned_p50_ms']:.3f} ms)")
+        elif r.host_check is None:
+            text += "\n(this machine cannot run the target: `edgetune bench` times it against ONNX Runtime on the board)"
         return text + f"\nwrote {r.out_dir}/model.so, build.json, reference/"
 
     emit(result, as_json, render)

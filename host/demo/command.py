@@ -23,6 +23,7 @@ def demo(trials: int, workdir: str, runs: int, as_json: bool) -> None:
       edgetune demo                 # about 5 minutes on 2 cores
       edgetune demo --trials 16     # quicker, less tuned
     """
+    from ..bench.bench import vs_onnxruntime
     from ..tuning.command import _Display
     from .demo import run_demo
 
@@ -40,6 +41,12 @@ def demo(trials: int, workdir: str, runs: int, as_json: bool) -> None:
         return
     click.echo("\n" + "=" * 72)
     click.echo("edgetune demo: summary")
+    if result.tuned_over_onnxruntime:
+        click.echo(f"  tiny_cnn on this machine: {result.tuned_p50_ms:.3f} ms tuned vs {result.onnxruntime_p50_ms:.3f} ms "
+                   f"with ONNX Runtime on the board: {vs_onnxruntime(result.tuned_over_onnxruntime)} "
+                   f"after {result.trials} trials")
+    else:
+        click.echo("  ONNX Runtime was not measured on the board: " + "; ".join(result.notes))
     if result.speedup:
         click.echo(f"  tiny_cnn on this machine: {result.tuned_p50_ms:.3f} ms tuned vs {result.untuned_p50_ms:.3f} ms "
                    f"with TVM's default build: {result.speedup:.2f}x faster after {result.trials} trials")

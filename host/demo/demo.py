@@ -39,11 +39,14 @@ class DemoResult:
     tuned_p50_ms: float | None
     untuned_p50_ms: float | None
     speedup: float | None
+    onnxruntime_p50_ms: float | None
+    tuned_over_onnxruntime: float | None
     package: str
     report: str
     flashed_via: str
     installed: dict[str, Any]
     started_pids: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -157,7 +160,7 @@ def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
 
         say("building with the tuning log")
         out_dir = work / "build"
-        built = build(DEMO_MODEL, key, out_dir, str(log_dir))
+        built = build(DEMO_MODEL, key, out_dir, str(log_dir), compare=False)  # the bench below compares on the board
         tuned_tasks = sum(1 for c in built.coverage if c.tuned)
         say(f"  {tuned_tasks}/{len(built.coverage)} kernels tuned ({100 * built.tuned_share:.0f}% of the FLOPs), "
             "the rest on MetaSchedule's default schedules")
@@ -199,15 +202,17 @@ def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
         say(f"flashed via {flashed_via}: slot {installed['slot']}, self-check "
             f"{'passed' if installed['self_check_ok'] else 'FAILED'}")
 
-        say("benchmarking on the board: tuned against TVM's default build")
+        say("benchmarking on the board: tuned against ONNX Runtime and TVM's default build")
         measured = bench(DEMO_MODEL, key, ("127.0.0.1", port), log_dir=str(log_dir), runs=runs)
         report = make_report(log_dir, work / "report")
         return DemoResult(
             workdir=str(work), key=key, board=board.as_dict(), trials=session.trials_done,
             tuned_p50_ms=measured.tuned.p50_ms if measured.tuned else None,
             untuned_p50_ms=measured.untuned.p50_ms if measured.untuned else None,
-            speedup=measured.speedup, package=str(pkg), report=str(report.html), flashed_via=flashed_via,
-            installed=installed, started_pids=[p.pid for p in started],
+            speedup=measured.speedup,
+            onnxruntime_p50_ms=measured.onnxruntime.p50_ms if measured.onnxruntime else None,
+            tuned_over_onnxruntime=measured.onnxruntime_ratio, package=str(pkg), report=str(report.html), flashed_via=flashed_via,
+            installed=installed, started_pids=[p.pid for p in started], notes=measured.notes,
         )
     finally:
         for proc in reversed(started):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -52,7 +53,15 @@ def test_build_without_log_uses_default_schedules_for_every_task(tmp_path, host_
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["tuned"] == 0 and result["fallback"] == result["tasks"] > 0
-    assert result["host_check"]["max_abs_err"] <= 1e-4
+    check = result["host_check"]
+    assert check["max_abs_err"] <= 1e-4
+    # This machine runs the target: the build is timed against ONNX Runtime and TVM's untuned build.
+    assert check["tuned_p50_ms"] > 0 and check["onnxruntime_p50_ms"] > 0 and check["untuned_p50_ms"] > 0
+
+    text = run_cli([EDGETUNE, "build", "tiny_cnn", "--device", "x86host", "--target", json.dumps(host_target),
+                    "-o", str(tmp_path / "out2"), "--no-compare"], timeout=600)
+    assert text.returncode == 0, text.stderr
+    assert "ran here, max abs error against ONNX Runtime" in text.stdout and "ms ONNX Runtime" not in text.stdout
 
 
 def test_build_refuses_a_log_of_another_target(cold_log, tmp_path):
@@ -69,16 +78,21 @@ def test_bench_reports_percentiles_and_speedup(cold_log, tuning_bed):
                    "--tracker", tuning_bed["tracker"], "--runs", "20", "--json"], timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    for label in ("tuned", "untuned"):
+    for label in ("tuned", "untuned", "onnxruntime"):
         t = result[label]
         assert t["runs"] == 20
         assert 0 < t["p50_ms"] <= t["p90_ms"] <= t["p99_ms"]
-        assert t["mean_ms"] > 0 and t["first_load_ms"] > 0
+        assert t["mean_ms"] > 0 and (t["first_load_ms"] > 0 or label == "onnxruntime")
         assert t["max_abs_err"] <= 1e-4
-    # The speedup comes from the unrounded medians; the printed medians carry 4 decimals.
+        assert t["board"].startswith("127.0.0.1:")
+    assert result["onnxruntime"]["label"].startswith("onnxruntime ")  # the board's ONNX Runtime, with its version
+    # The ratios come from the unrounded medians; the printed medians carry 4 decimals.
     assert result["speedup"] == pytest.approx(result["untuned"]["p50_ms"] / result["tuned"]["p50_ms"], rel=2e-3)
+    assert result["tuned_over_onnxruntime"] == pytest.approx(
+        result["tuned"]["p50_ms"] / result["onnxruntime"]["p50_ms"], rel=2e-3)
 
     text = run_cli([EDGETUNE, "bench", "tiny_cnn", "--device", tuning_bed["key"], "--log", str(cold_log["dir"]),
                     "--tracker", tuning_bed["tracker"], "--runs", "5"], timeout=600)
     assert text.returncode == 0, text.stderr
-    assert "P50 ms" in text.stdout and "P99 ms" in text.stdout and "the untuned build (p50)" in text.stdout
+    assert "P50 ms" in text.stdout and "P99 ms" in text.stdout and "than TVM's untuned build (p50)" in text.stdout
+    assert re.search(r"tuned is [\d.]+x (faster|slower) than ONNX Runtime on the board \(p50\)", text.stdout), text.stdout
