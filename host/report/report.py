@@ -444,6 +444,11 @@ def _mark_failures(ax: Any, xs: list[int], label: str | None) -> None:
     )
 
 
+def _onnxruntime_ms(data: _Log) -> float | None:
+    """ONNX Runtime's p50 on the board, measured at the start of the session (None if it was not)."""
+    return _float(((data.session or {}).get("baseline") or {}).get("onnxruntime_p50_ms"))
+
+
 def _plot_overall(data: _Log, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -466,6 +471,10 @@ def _plot_overall(data: _Log, path: Path) -> None:
         ax.plot(full_x[-1:], full_y[-1:], "o", color="#1f77b4", markersize=5)
         ax.annotate(f"{_num(full_y[-1])} ms", (full_x[-1], full_y[-1]), textcoords="offset points",
                     xytext=(-4, 8), ha="right", fontsize=9, color="#1f77b4")
+    baseline = _onnxruntime_ms(data)
+    if baseline is not None:
+        ax.axhline(baseline, color="#ff7f0e", linestyle="--", linewidth=1.4,
+                   label=f"ONNX Runtime on the board ({_num(baseline)} ms)")
     _mark_failures(ax, failed, f"failed trial ({len(failed)})")
     n_ok = len(data.trials) - len(failed)
     ax.set_title(
@@ -649,6 +658,12 @@ def _header_rows(
         rows.append(("estimated model latency", text))
     else:
         rows.append(("estimated model latency", "unknown: some tasks have no successful trial yet"))
+    baseline = _onnxruntime_ms(data)
+    if baseline is not None:
+        text = f"{baseline:.4g} ms (p50, measured at the start of the session)"
+        if result_est is not None:
+            text += f"; the estimate is {result_est / baseline:.2f}x that"
+        rows.append(("ONNX Runtime on the board", text))
     return rows
 
 

@@ -73,17 +73,26 @@ class _Display:
         self.tty = sys.stderr.isatty()
         self.bests: dict[str, tuple[float | None, float | None]] = {}
         self.last_line = 0.0
+        self.baseline_ms: float | None = None  # ONNX Runtime's p50 on the board, when measured
 
     def __call__(self, event: dict) -> None:
         if self.as_json:
             click.echo(json.dumps(to_jsonable(event)))
             return
         kind = event.get("event")
+        if kind == "baseline":
+            self.baseline_ms = event.get("onnxruntime_p50_ms")
         if kind == "start":
             verb = "resuming" if event["resumed"] else "tuning"
             click.echo(f"{verb} {event['model']} on key {event['key']!r} ({event['boards']} board(s)): "
                        f"{event['tasks']} tasks, budget {event['budget']} trials, {event['done']} done; "
                        f"log {event['log']}", err=True)
+        elif kind == "baseline":
+            if event.get("onnxruntime_p50_ms") is not None:
+                click.echo(f"ONNX Runtime on board {event['board']}: {event['onnxruntime_p50_ms']:.3f} ms (p50), "
+                           "the latency to beat", err=True)
+            else:
+                click.echo(f"no ONNX Runtime baseline: {event['note']}", err=True)
         elif kind == "warming":
             click.echo(f"starting {event['what']}...", err=True)
         elif kind == "trials":
@@ -98,6 +107,8 @@ class _Display:
             gflops = f"{event['gflops']:.2f} GFLOPS" if event["gflops"] else ""
             line = (f"[{bar}] {done}/{budget} trials  {event['task']}: best {best} {gflops}"
                     f"  est. model {est_text}  {event['elapsed_s']:.0f}s")
+            if est is not None and self.baseline_ms:
+                line += f"  ({est / self.baseline_ms:.2f}x ONNX Runtime)"
             if event.get("failed"):
                 line += f"  ({event['failed']} failed)"
             click.echo(line, err=True)

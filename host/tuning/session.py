@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
+# Timed runs of ONNX Runtime on the board at the start of a session (its baseline).
+BASELINE_RUNS = 20
+
 
 @dataclass
 class TuneOptions:
@@ -280,6 +283,25 @@ def _replay(seed_best: dict[int, Any], contexts, target, database, builder, runn
     return replayed
 
 
+def _measure_baseline(model: Model, options: TuneOptions, emit: Callable[[Event], None]) -> dict[str, Any]:
+    """ONNX Runtime's p50 on a board of the key, the latency the tuned model has to beat. Taken before
+    the build workers start, so nothing is built while the board times it. Never fails the session:
+    a board without ONNX Runtime (or a plain TVM server) gives a note instead."""
+    from ..bench.bench import onnxruntime_on_board
+    from ..build.build import reference_io
+
+    inputs, expected = reference_io(model)
+    try:
+        timing, note = onnxruntime_on_board(options.tracker, options.key, model.path, inputs, expected,
+                                            BASELINE_RUNS, deadline_sec=config.TRACKER_CONNECT_SEC * 6)
+    except EdgetuneError as err:
+        timing, note = None, str(err)
+    baseline: dict[str, Any] = ({"onnxruntime_p50_ms": round(timing.p50_ms, 4), "board": timing.board,
+                                 "runtime": timing.label} if timing else {"note": note})
+    emit({"event": "baseline", **baseline})
+    return baseline
+
+
 def _load_records(path: str | Path):
     log = TuningLog.open(path)
     return list(log.database().get_all_tuning_records()), log
@@ -380,10 +402,13 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
         num_threads=max(1, os.cpu_count() or 1), seed=options.seed,
     )
     if options.strategy == "xgb":
+        # Adaptive training (MetaSchedule's default) retrains only once the data grew by a fifth: with
+        # the short batches of the first pass, retraining after every batch took about a third of the
+        # search time on 2 cores.
         cost_model = ms.cost_model.XGBModel(
             extractor=ms.feature_extractor.PerStoreFeature(extract_workload=True),
             num_warmup_samples=8, num_tuning_cores=max(1, os.cpu_count() or 1),
-            adaptive_training=False, tree_method="auto",
+            adaptive_training=True, tree_method="auto",
         )
     else:
         cost_model = ms.cost_model.RandomModel()
@@ -413,6 +438,9 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
 
         previous_handler = signal.signal(signal.SIGINT, _on_sigint)
     try:
+        if "onnxruntime_p50_ms" not in (session.get("baseline") or {}):
+            session["baseline"] = _measure_baseline(model, options, emit)
+            log.save_session()
         emit({"event": "warming", "what": "build workers"})
         builder.warm_up()
         if seed_records and done_before == 0:

@@ -192,3 +192,18 @@ def test_session_task_without_workload_hash_finds_its_record_by_name(log_dir: Pa
     (log_dir / "session.json").write_text(json.dumps(session))
     result = make_report(log_dir)
     assert all(any("tile" in line for line in t.decisions) for t in result.tasks)
+
+
+def test_onnxruntime_measured_on_the_board_is_in_the_header(log_dir: Path) -> None:
+    session = _session()
+    assert "baseline" not in session  # the fixture predates the baseline: no row
+    assert "ONNX Runtime on the board" not in make_report(log_dir).html.read_text(encoding="utf-8")
+
+    session["baseline"] = {"onnxruntime_p50_ms": 0.25, "board": "127.0.0.1:9090", "runtime": "onnxruntime 1.20"}
+    (log_dir / "session.json").write_text(json.dumps(session))
+    result = make_report(log_dir)
+    page = result.html.read_text(encoding="utf-8")
+    row = re.search(r"<dt>ONNX Runtime on the board</dt><dd>([^<]*)</dd>", page)
+    assert row, page[:2000]
+    assert row.group(1).startswith("0.25 ms (p50")
+    assert f"{result.estimated_latency_ms / 0.25:.2f}x that" in row.group(1)
