@@ -1,7 +1,9 @@
 """Tuning throughput: trials per minute of edgetune's session against stock MetaSchedule
 (``tune_tasks`` with its ``LocalBuilder`` and ``RPCRunner``) on the same model, board and budget.
 
-Prints JSON: {"model", "trials", "stock": {...}, "edgetune": {...}, "speedup"}.
+Stock runs once per ``--stock-batch``: 64 is its own default ``num_trials_per_iter``, 16 is edgetune's
+largest batch (equal batch sizes). Prints JSON: {"model", "trials", "stock": {BATCH: {...}},
+"edgetune": {...}, "speedup": {BATCH: edgetune / stock}}.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from _bed import local_board
 
 
-def stock(model_name: str, trials: int, tracker, key: str, work) -> dict:
+def stock(model_name: str, trials: int, tracker, key: str, work, batch: int) -> dict:
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -29,14 +31,14 @@ def stock(model_name: str, trials: int, tracker, key: str, work) -> dict:
     start = time.monotonic()
     mod = lower_for_tuning(model.mod, target)
     tasks = ms.relax_integration.extract_tasks(mod, target)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(work / "stock"))
+    work_dir = str(work / f"stock-{batch}")
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, work_dir)
     runner = ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=tracker[0], tracker_port=tracker[1],
                                                      tracker_key=key, session_timeout_sec=60))
     # TVM-NOTES: the default 30 s build timeout fails every candidate on 2 cores; give it 120 s.
     builder = ms.builder.LocalBuilder(timeout_sec=120)
-    db = ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work / "stock"),
-                       max_trials_global=trials, num_trials_per_iter=max(2, min(32, trials // len(contexts))),
-                       builder=builder, runner=runner)
+    db = ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
+                       max_trials_global=trials, num_trials_per_iter=batch, builder=builder, runner=runner)
     elapsed = time.monotonic() - start
     records = list(db.get_all_tuning_records())
     ok = sum(1 for r in records if r.run_secs is not None and min(float(s) for s in r.run_secs) < 1e9)
@@ -62,6 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="tiny_cnn")
     parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--stock-batch", default="64,16",
+                        help="comma-separated num_trials_per_iter for stock runs (64: its default)")
     args = parser.parse_args()
     os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
     # MetaSchedule prints its scheduler tables to stdout at INFO: keep stdout for the JSON figures.
@@ -71,9 +75,12 @@ def main() -> None:
         # Both run in this one process, stock first: edgetune then starts with TVM and its tensor
         # intrinsics already imported (about 20 s of the stock run's time); everything else of its
         # session (task extraction, warm-up of its build workers) is counted.
-        figures["stock"] = stock(args.model, args.trials, bed["tracker"], bed["key"], bed["work"])
+        batches = [int(b) for b in args.stock_batch.split(",") if b.strip()]
+        figures["stock"] = {b: stock(args.model, args.trials, bed["tracker"], bed["key"], bed["work"], b)
+                            for b in batches}
         figures["edgetune"] = edgetune(args.model, args.trials, bed["tracker"], bed["key"], bed["work"])
-        figures["speedup"] = round(figures["edgetune"]["trials_per_min"] / figures["stock"]["trials_per_min"], 2)
+        figures["speedup"] = {b: round(figures["edgetune"]["trials_per_min"] / run["trials_per_min"], 2)
+                              for b, run in figures["stock"].items()}
     json.dump(figures, sys.stdout, indent=2)
     print()
 

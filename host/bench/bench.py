@@ -160,6 +160,8 @@ def onnxruntime_on_board(tracker: TrackerAddr, key: str, onnx_path: Path, inputs
             try:
                 remote = session.get_function(FUNCTION)
             except Exception:  # noqa: BLE001 - a plain TVM RPC server or an older agent
+                remote = None
+            if remote is None:
                 return None, (f"board {board} cannot run ONNX Runtime (not an edgetune agent, or an older one): "
                               "update edgetune-agent there to compare with ONNX Runtime on the board")
             session.upload(str(onnx_path), names[0])

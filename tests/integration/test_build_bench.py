@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from tests.peers import EDGETUNE, run_cli
+from tests.peers import EDGETUNE, run_cli, wait_registered
 
 
 def test_build_coverage_and_module_matches_onnxruntime_on_the_agent(cold_log, tuning_bed, tmp_path):
@@ -96,3 +96,23 @@ def test_bench_reports_percentiles_and_speedup(cold_log, tuning_bed):
     assert text.returncode == 0, text.stderr
     assert "P50 ms" in text.stdout and "P99 ms" in text.stdout and "than TVM's untuned build (p50)" in text.stdout
     assert re.search(r"tuned is [\d.]+x (faster|slower) than ONNX Runtime on the board \(p50\)", text.stdout), text.stdout
+
+
+def test_a_plain_tvm_server_has_no_onnxruntime_and_bench_says_so(peers, tmp_path):
+    """A stock `python -m tvm.exec.rpc_server` (what a phone runs) cannot time ONNX Runtime: a note, no failure."""
+    from host.bench.bench import onnxruntime_on_board
+    from host.build.build import reference_io
+    from host.models.onnx_import import load_onnx
+    from tests.peers import start_stock_server
+
+    tracker = peers.tracker(advertise=False)
+    server = start_stock_server(tmp_path / "peers", "stockkey", f"127.0.0.1:{tracker.port}")
+    try:
+        wait_registered(tracker.port, "stockkey")
+        model = load_onnx("tiny_cnn")
+        inputs, expected = reference_io(model)
+        timing, note = onnxruntime_on_board(("127.0.0.1", tracker.port), "stockkey", model.path, inputs, expected, 3)
+    finally:
+        server.stop()
+    assert timing is None
+    assert "cannot run ONNX Runtime" in note and "update edgetune-agent" in note
