@@ -33,6 +33,7 @@ from device_agent.manifest import (
 from host.errors import EdgetuneError
 from host.package import init_keys, load_signing_key, package, read_package_manifest
 from tests.helpers_build import make_build_dir, make_log_dir, this_board_profile
+from tests.helpers_package import assert_unchanged, current, install_fails, make_pkg, members, repack
 
 REPO = Path(__file__).resolve().parents[2]
 A72 = {"arch": "aarch64", "cpu": "Cortex-A72", "features": ["fp", "asimd", "neon", "crc32", "cpuid"], "os": "linux"}
@@ -57,14 +58,9 @@ def log_dir(work: Path) -> Path:
     return make_log_dir(work / "log")
 
 
-def _make_pkg(work: Path, name: str, key: Path, log: Path, **build_kwargs: object) -> Path:
-    out = make_build_dir(work / f"out-{name}", **build_kwargs)  # type: ignore[arg-type]
-    return Path(package(out, log, work / f"{name}.etpkg", key_path=key).path)
-
-
 @pytest.fixture(scope="module")
 def good_pkg(work: Path, signing_key: Path, log_dir: Path) -> Path:
-    return _make_pkg(work, "good", signing_key, log_dir)
+    return make_pkg(work, "good", signing_key, log_dir)
 
 
 @pytest.fixture(scope="module")
@@ -81,40 +77,6 @@ def store(base_store: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "store"
     shutil.copytree(base_store, copy, symlinks=True)
     return copy
-
-
-def _current(store: Path) -> str:
-    return os.readlink(store / "current")
-
-
-def _assert_unchanged(store: Path, before: str, run: bool = False) -> None:
-    assert _current(store) == before
-    assert not list((store / "staging").iterdir())
-    assert sorted(p.name for p in (store / "slots").iterdir()) == [before.split("/", 1)[1]]
-    if run:
-        check = store_mod.run_selfcheck_process(store / "current")
-        assert check.ok, check.error
-
-
-def _members(pkg: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(pkg, "r:gz") as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]  # type: ignore[union-attr]
-
-
-def _repack(members: list[tuple[str, bytes]], dest: Path) -> Path:
-    with tarfile.open(dest, "w:gz") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return dest
-
-
-def _install_fails(pkg: Path, store: Path, profile: dict | None = None) -> store_mod.InstallError:
-    with pytest.raises(store_mod.InstallError) as info:
-        store_mod.install(pkg, store, profile=profile or this_board_profile())
-    assert "\n" not in str(info.value)
-    return info.value
 
 
 # --- manifest ---------------------------------------------------------------------------------------
@@ -193,7 +155,7 @@ def test_package_errors_say_what_to_do(tmp_path: Path, signing_key: Path, log_di
 
 
 def test_package_layout(good_pkg: Path) -> None:
-    names = [name for name, _ in _members(good_pkg)]
+    names = [name for name, _ in members(good_pkg)]
     assert names[:2] == [MANIFEST_NAME, SIGNATURE_NAME]
     assert set(names[2:]) == set(read_package_manifest(good_pkg).files)
 
@@ -211,95 +173,95 @@ def test_install_good_package(base_store: Path) -> None:
 
 
 def test_tampered_model_is_refused(store: Path, good_pkg: Path, tmp_path: Path) -> None:
-    before = _current(store)
-    members = [(n, d[:-1] + bytes([d[-1] ^ 1]) if n == "model.so" else d) for n, d in _members(good_pkg)]
-    err = _install_fails(_repack(members, tmp_path / "t.etpkg"), store)
+    before = current(store)
+    files = [(n, d[:-1] + bytes([d[-1] ^ 1]) if n == "model.so" else d) for n, d in members(good_pkg)]
+    err = install_fails(repack(files, tmp_path / "t.etpkg"), store)
     assert err.step == "files" and "model.so does not match its sha256" in str(err)
-    _assert_unchanged(store, before, run=True)
+    assert_unchanged(store, before, run=True)
 
 
 def test_tampered_manifest_is_refused(store: Path, good_pkg: Path, tmp_path: Path) -> None:
-    before = _current(store)
-    members = [(n, d.replace(b"test-board", b"evil-board") if n == MANIFEST_NAME else d) for n, d in _members(good_pkg)]
-    err = _install_fails(_repack(members, tmp_path / "t.etpkg"), store)
+    before = current(store)
+    files = [(n, d.replace(b"test-board", b"evil-board") if n == MANIFEST_NAME else d) for n, d in members(good_pkg)]
+    err = install_fails(repack(files, tmp_path / "t.etpkg"), store)
     assert err.step == "signature" and "altered after it was signed" in str(err)
-    _assert_unchanged(store, before)
+    assert_unchanged(store, before)
 
 
 def test_flipped_byte_in_package_file_is_refused(store: Path, good_pkg: Path, tmp_path: Path) -> None:
-    before = _current(store)
+    before = current(store)
     data = bytearray(good_pkg.read_bytes())
     data[len(data) // 2] ^= 0xFF
     bad = tmp_path / "flip.etpkg"
     bad.write_bytes(bytes(data))
-    err = _install_fails(bad, store)
+    err = install_fails(bad, store)
     assert "damaged" in str(err) or "sha256" in str(err)
-    _assert_unchanged(store, before)
+    assert_unchanged(store, before)
 
 
 def test_unsigned_package_is_refused(store: Path, good_pkg: Path, tmp_path: Path) -> None:
-    before = _current(store)
-    members = [(n, d) for n, d in _members(good_pkg) if n != SIGNATURE_NAME]
-    err = _install_fails(_repack(members, tmp_path / "u.etpkg"), store)
+    before = current(store)
+    files = [(n, d) for n, d in members(good_pkg) if n != SIGNATURE_NAME]
+    err = install_fails(repack(files, tmp_path / "u.etpkg"), store)
     assert err.step == "signature" and "not signed" in str(err)
-    _assert_unchanged(store, before)
+    assert_unchanged(store, before)
 
 
 def test_package_signed_by_untrusted_key_is_refused(store: Path, work: Path, log_dir: Path, tmp_path: Path) -> None:
-    before = _current(store)
+    before = current(store)
     other = Path(init_keys(tmp_path / "other_key").path)
-    pkg = _make_pkg(tmp_path, "wrongkey", other, log_dir)
-    err = _install_fails(pkg, store)
+    pkg = make_pkg(tmp_path, "wrongkey", other, log_dir)
+    err = install_fails(pkg, store)
     assert err.step == "signature" and "not in" in str(err) and "edgetune-agent trust" in str(err)
-    _assert_unchanged(store, before)
+    assert_unchanged(store, before)
 
 
 def test_empty_trust_dir_is_explained(tmp_path: Path, good_pkg: Path) -> None:
-    err = _install_fails(good_pkg, tmp_path / "fresh")
+    err = install_fails(good_pkg, tmp_path / "fresh")
     assert "no trusted keys" in str(err) and "edgetune-agent trust" in str(err)
 
 
 def test_other_architecture_is_refused(store: Path, signing_key: Path, log_dir: Path, tmp_path: Path) -> None:
-    before = _current(store)
-    pkg = _make_pkg(tmp_path, "arm", signing_key, log_dir, declared_target=A72_TARGET)
-    err = _install_fails(pkg, store)
+    before = current(store)
+    pkg = make_pkg(tmp_path, "arm", signing_key, log_dir, declared_target=A72_TARGET)
+    err = install_fails(pkg, store)
     assert err.step == "compatibility" and "built for aarch64" in str(err) and "rebuild" in str(err)
-    _assert_unchanged(store, before)
+    assert_unchanged(store, before)
 
 
 def test_sve_package_on_a72_board_is_refused(store: Path, signing_key: Path, log_dir: Path, tmp_path: Path) -> None:
-    before = _current(store)
+    before = current(store)
     sve = {**A72_TARGET, "mattr": ["+neon", "+sve"]}
-    pkg = _make_pkg(tmp_path, "sve", signing_key, log_dir, declared_target=sve)
-    err = _install_fails(pkg, store, profile=A72)
+    pkg = make_pkg(tmp_path, "sve", signing_key, log_dir, declared_target=sve)
+    err = install_fails(pkg, store, profile=A72)
     assert str(err) == "package needs sve, this board (Cortex-A72) lacks it: rebuild for this board's target"
-    _assert_unchanged(store, before)
+    assert_unchanged(store, before)
 
 
 def test_truncated_package_is_refused(store: Path, good_pkg: Path, tmp_path: Path) -> None:
-    before = _current(store)
+    before = current(store)
     data = good_pkg.read_bytes()
     for i, cut in enumerate((len(data) // 2, len(data) - 100, 400)):
         partial = tmp_path / f"cut{i}.etpkg"
         partial.write_bytes(data[:cut])
-        err = _install_fails(partial, store)
+        err = install_fails(partial, store)
         assert "incomplete" in str(err) or "damaged" in str(err) or "cut off" in str(err)
     part = tmp_path / "upload.etpkg.part"
     part.write_bytes(data)
-    assert "unfinished upload" in str(_install_fails(part, store))
-    _assert_unchanged(store, before)
+    assert "unfinished upload" in str(install_fails(part, store))
+    assert_unchanged(store, before)
 
 
 def test_unsafe_members_are_refused(store: Path, good_pkg: Path, tmp_path: Path) -> None:
-    before = _current(store)
-    members = _members(good_pkg)
-    err = _install_fails(_repack(members[:2] + [("../evil", b"x")] + members[2:], tmp_path / "a.etpkg"), store)
+    before = current(store)
+    files = members(good_pkg)
+    err = install_fails(repack(files[:2] + [("../evil", b"x")] + files[2:], tmp_path / "a.etpkg"), store)
     assert "unsafe path" in str(err)
-    err = _install_fails(_repack(members[:2] + [("log/extra.txt", b"x")] + members[2:], tmp_path / "b.etpkg"), store)
+    err = install_fails(repack(files[:2] + [("log/extra.txt", b"x")] + files[2:], tmp_path / "b.etpkg"), store)
     assert "does not list" in str(err)
     link = tmp_path / "c.etpkg"
     with tarfile.open(link, "w:gz") as tar:
-        for name, data in members[:2]:
+        for name, data in files[:2]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -307,24 +269,24 @@ def test_unsafe_members_are_refused(store: Path, good_pkg: Path, tmp_path: Path)
         info.type = tarfile.SYMTYPE
         info.linkname = "/etc/passwd"
         tar.addfile(info)
-    assert "link" in str(_install_fails(link, store))
+    assert "link" in str(install_fails(link, store))
     assert not (tmp_path / "evil").exists() and not (store / "evil").exists()
-    _assert_unchanged(store, before)
+    assert_unchanged(store, before)
 
 
 def test_failed_self_check_rolls_back(store: Path, signing_key: Path, log_dir: Path, tmp_path: Path) -> None:
-    before = _current(store)
-    pkg = _make_pkg(tmp_path, "wrong-output", signing_key, log_dir, alter_expected=True)
-    err = _install_fails(pkg, store)
+    before = current(store)
+    pkg = make_pkg(tmp_path, "wrong-output", signing_key, log_dir, alter_expected=True)
+    err = install_fails(pkg, store)
     assert err.step == "self-check" and err.rolled_back
     assert "differs from the reference" in str(err) and "rolled back" in str(err)
     assert err.current == before.split("/", 1)[1]
     assert err.self_check is not None and err.self_check.max_abs_err is not None and err.self_check.max_abs_err > 0.5
-    _assert_unchanged(store, before, run=True)
+    assert_unchanged(store, before, run=True)
 
 
 def test_rollback_swaps_current_and_previous(store: Path, good_pkg: Path) -> None:
-    first = _current(store).split("/", 1)[1]
+    first = current(store).split("/", 1)[1]
     second = store_mod.install(good_pkg, store, profile=this_board_profile())
     assert second.previous == first
     back = store_mod.rollback(store)
@@ -340,7 +302,7 @@ def test_rollback_without_previous(store: Path) -> None:
 
 
 def test_old_slots_are_pruned(store: Path, good_pkg: Path) -> None:
-    slots = [_current(store).split("/", 1)[1]]
+    slots = [current(store).split("/", 1)[1]]
     for _ in range(3):
         slots.append(store_mod.install(good_pkg, store, profile=this_board_profile()).slot)
     left = sorted(p.name for p in (store / "slots").iterdir())
@@ -375,12 +337,12 @@ store.install(sys.argv[2], sys.argv[3], profile=json.loads(sys.argv[4]), on_step
 
 @pytest.mark.parametrize("crash_at", store_mod.STEPS)
 def test_power_loss_at_any_step_leaves_a_working_current(store: Path, good_pkg: Path, crash_at: str) -> None:
-    before = _current(store)
+    before = current(store)
     script = _CRASHING_INSTALL.format(repo=str(REPO))
     proc = subprocess.run([sys.executable, "-c", script, crash_at, str(good_pkg), str(store),
                            json.dumps(this_board_profile())], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
-    after = _current(store)
+    after = current(store)
     if store_mod.STEPS.index(crash_at) <= store_mod.STEPS.index("switch"):
         assert after == before
     else:
@@ -389,7 +351,7 @@ def test_power_loss_at_any_step_leaves_a_working_current(store: Path, good_pkg: 
     # The next install cleans up what the crash left and succeeds.
     result = store_mod.install(good_pkg, store, profile=this_board_profile())
     assert not list((store / "staging").iterdir())
-    assert _current(store) == f"slots/{result.slot}"
+    assert current(store) == f"slots/{result.slot}"
     assert len(list((store / "slots").iterdir())) <= store_mod.KEEP_SLOTS
 
 
@@ -407,7 +369,7 @@ def agent_cli() -> click.Group:
 def test_cli_install_json_and_status(agent_cli: click.Group, store: Path, signing_key: Path, log_dir: Path,
                                      tmp_path: Path) -> None:
     runner = CliRunner()
-    pkg = _make_pkg(tmp_path, "arm", signing_key, log_dir, declared_target=A72_TARGET)
+    pkg = make_pkg(tmp_path, "arm", signing_key, log_dir, declared_target=A72_TARGET)
     result = runner.invoke(agent_cli, ["install", str(pkg), "--store", str(store), "--json"])
     assert result.exit_code == 1
     answer = json.loads(result.stdout)
