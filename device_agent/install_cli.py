@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
 import click
 
 from . import store as store_mod
+
+logger = logging.getLogger(__name__)
 
 _STORE_HELP = ("Artifact store (default: $EDGETUNE_STORE, else /var/lib/edgetune as root, "
                "else ~/.local/share/edgetune).")
@@ -33,35 +36,59 @@ def _echo_json(data: Any) -> None:
 
 
 @click.command()
-@click.argument("pkg", type=click.Path(dir_okay=False))
+@click.argument("pkg", type=click.Path())
 @store_option
 @click.option("--trust-dir", type=click.Path(file_okay=False),
               help="Directory of trusted public keys (default: STORE/trusted).")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Install it even if it was built before the installed package.")
 @json_option
-def install(pkg: str, store: str | None, trust_dir: str | None, as_json: bool) -> None:
+def install(pkg: str, store: str | None, trust_dir: str | None, allow_downgrade: bool, as_json: bool) -> None:
     """Verify a package, install it and make it current; roll back if its self-check fails.
 
-    Checks the signature against the trusted keys, every file's sha256, that the package's target
-    suits this board's CPU, then runs the model on its reference input. The model that was current
-    before stays current when any of that fails.
+    Checks the signature against the trusted keys, every file's size and sha256, that the package's
+    target suits this board's CPU, then runs the model on its reference input. The model that was
+    current before stays current when any of that fails.
+
+    A package built before the installed one is refused (an old signed package cannot be put back by
+    whoever holds a copy); go back with `edgetune-agent rollback`, or pass --allow-downgrade.
+
+    With --json the answer is always one JSON object on stdout: exit 0 when installed, 1 when refused,
+    2 on an internal error (-v logs its traceback).
 
     \b
     Example:
       edgetune-agent install /tmp/model.etpkg
       edgetune-agent install model.etpkg --store /data/edgetune --json
     """
+    last_step = ["extract"]
 
     def on_step(step: str) -> None:
+        last_step[0] = step
         if not as_json:
             click.echo(f"  {_STEP_TEXT.get(step, step)}", err=True)
 
     try:
-        result = store_mod.install(pkg, store, trust_dir, on_step=on_step)
+        result = store_mod.install(pkg, store, trust_dir, on_step=on_step, allow_downgrade=allow_downgrade)
     except store_mod.InstallError as err:
         if not as_json:
             raise
         _echo_json(err.as_dict())
         sys.exit(1)
+    except Exception as err:  # noqa: BLE001 - with --json, `flash` reads an answer whatever happened
+        if not as_json:
+            raise
+        logger.debug("install failed with an internal error", exc_info=True)
+        try:
+            current = store_mod.status(store).current
+        except Exception:  # noqa: BLE001 - the answer matters more than naming the current slot
+            current = None
+        reason = (str(err).splitlines() or [""])[0][:200]
+        _echo_json(store_mod.InstallError(
+            last_step[0], f"internal error ({type(err).__name__}: {reason}): please report it with the command you ran",
+            current=current,
+        ).as_dict())
+        sys.exit(2)
     if as_json:
         _echo_json(result.as_dict())
         return

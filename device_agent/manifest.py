@@ -9,7 +9,8 @@ A package (``*.etpkg``) is a gzip-compressed tar holding::
     reference/output.npz     expected outputs, keyed output_0, output_1, ...
     log/*                    the tuning log the model was built with
 
-``manifest.json`` lists the sha256 of every other file, so the one signature covers them all.
+``manifest.json`` lists the sha256 of every other file, so the one signature covers them all, and may
+list their sizes in bytes (``sizes``): a board then writes no file past its signed size.
 
 Keys are ed25519 in OpenSSH format: a public key is the single line ``ssh-ed25519 AAAA... comment``
 (what ``ssh-keygen -t ed25519`` writes to ``*.pub``), a private key is an unencrypted
@@ -34,6 +35,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from . import config
 from .errors import AgentError
 
 logger = logging.getLogger(__name__)
@@ -106,9 +108,11 @@ class Manifest:
     reference: Reference = field(default_factory=Reference)
     latency_ms: float | None = None
     format: int = FORMAT_VERSION
+    # Size in bytes of each file in ``files``; None in packages made before sizes were signed.
+    sizes: dict[str, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": self.format,
             "model": {"name": self.model_name, "sha256": self.model_sha256},
             "key": self.key,
@@ -122,6 +126,9 @@ class Manifest:
             "created": self.created,
             "files": dict(self.files),
         }
+        if self.sizes is not None:
+            data["sizes"] = dict(self.sizes)
+        return data
 
     def to_json(self) -> bytes:
         """Canonical JSON (sorted keys, UTF-8, trailing newline): the bytes that get signed."""
@@ -129,11 +136,9 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> "Manifest":
-        """Parse ``manifest.json``. Raises :class:`AgentError` on a broken or unknown-format manifest."""
-        try:
-            raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise AgentError(f"the package manifest is not valid JSON ({err}): rebuild it with `edgetune package`") from None
+        """Parse ``manifest.json`` (untrusted: bounded in size and depth). Raises :class:`AgentError` on a
+        broken or unknown-format manifest."""
+        raw = parse_json(data, "the package manifest", config.MAX_MANIFEST_BYTES, "rebuild it with `edgetune package`")
         if not isinstance(raw, dict):
             raise AgentError("the package manifest is not a JSON object: rebuild it with `edgetune package`")
         fmt = raw.get("format")
@@ -171,11 +176,12 @@ class Manifest:
                 latency_ms=float(raw["latency_ms"]) if raw.get("latency_ms") is not None else None,
                 created=str(raw["created"]),
                 files={str(k): str(v) for k, v in files.items()},
+                sizes=_sizes(raw.get("sizes")),
             )
         except KeyError as err:
             raise AgentError(f"the package manifest lacks {err}: rebuild it with `edgetune package`") from None
-        except (TypeError, ValueError) as err:
-            raise AgentError(f"the package manifest is broken ({err}): rebuild it with `edgetune package`") from None
+        except (TypeError, ValueError, AttributeError) as err:
+            raise AgentError(f"the package manifest is broken ({_reason(err)}): rebuild it with `edgetune package`") from None
         manifest.check_files()
         return manifest
 
@@ -196,10 +202,68 @@ class Manifest:
                 raise AgentError(f"the package manifest lists an unexpected file {name!r}: rebuild it with `edgetune package`")
             if not _SHA256.match(digest):
                 raise AgentError(f"the package manifest has a broken sha256 for {name}: rebuild it with `edgetune package`")
+        if self.sizes is not None and set(self.sizes) != set(self.files):
+            raise AgentError("the package manifest's sizes do not list the same files as its sha256s: "
+                             "rebuild it with `edgetune package`")
+
+
+def _sizes(raw: Any) -> dict[str, int] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise TypeError("'sizes' is not an object")
+    for name, size in raw.items():
+        if type(size) is not int or size < 0:
+            raise ValueError(f"the size of {name} is not a number of bytes")
+    return {str(k): v for k, v in raw.items()}
+
+
+def parse_json(data: bytes, what: str, max_bytes: int, hint: str) -> Any:
+    """Parse untrusted JSON: at most ``max_bytes`` of UTF-8, nested at most ``config.MAX_JSON_DEPTH`` deep.
+
+    Raises :class:`AgentError` (one line: ``"<what> is ...: <hint>"``) for anything else, never
+    RecursionError or a bare ValueError.
+    """
+    if len(data) > max_bytes:
+        raise AgentError(f"{what} is {len(data)} bytes, more than the {max_bytes} this board reads: {hint}")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise AgentError(f"{what} is not valid JSON ({_reason(err)}): {hint}") from None
+    if _depth(value, config.MAX_JSON_DEPTH) > config.MAX_JSON_DEPTH:
+        raise AgentError(f"{what} is nested more than {config.MAX_JSON_DEPTH} levels deep: {hint}")
+    return value
+
+
+def _reason(err: Exception) -> str:
+    """An exception's message for a one-line error: its first line, at most 200 characters."""
+    lines = str(err).splitlines()
+    return lines[0][:200] if lines else type(err).__name__
+
+
+def _depth(value: Any, stop: int) -> int:
+    """How deep lists and objects nest in ``value`` (0 for a scalar), counted up to ``stop + 1``."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def check_member_name(name: str) -> str:
-    """Return ``name`` if it is a safe relative path inside a package; raise :class:`AgentError` if not."""
+    """Return ``name`` if it is a safe relative path inside a package, at most ``MAX_MEMBER_NAME_BYTES``
+    long; raise :class:`AgentError` if not."""
+    length = len(name.encode("utf-8", "surrogatepass"))
+    if length > config.MAX_MEMBER_NAME_BYTES:
+        raise AgentError(f"the package holds a path of {length} bytes (at most {config.MAX_MEMBER_NAME_BYTES}): "
+                         "refusing it; rebuild it with `edgetune package`")
     parts = name.split("/")
     if (
         not name
@@ -293,16 +357,19 @@ def encode_signature(signature: bytes, key: Ed25519PublicKey) -> bytes:
 
 
 def decode_signature(data: bytes) -> tuple[bytes, str]:
-    """Parse ``manifest.sig``: ``(signature, signer fingerprint)``. Raises :class:`AgentError`."""
+    """Parse ``manifest.sig`` (untrusted: bounded in size and depth): ``(signature, signer fingerprint)``.
+    Raises :class:`AgentError`."""
+    hint = "re-sign it with `edgetune package`"
+    body = parse_json(data, "the package signature file", config.MAX_SIGNATURE_BYTES, hint)
+    if not isinstance(body, dict):
+        raise AgentError(f"the package signature file is not a JSON object: {hint}")
     try:
-        body = json.loads(data.decode("utf-8"))
         if body.get("algorithm") != SIGNATURE_ALGORITHM:
             raise ValueError(f"algorithm {body.get('algorithm')!r}, expected {SIGNATURE_ALGORITHM}")
         signature = base64.b64decode(body["signature"], validate=True)
-        signer = str(body.get("key", "?"))
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError, AttributeError,
-            binascii.Error) as err:
-        raise AgentError(f"the package signature file is broken ({err}): re-sign it with `edgetune package`") from None
+        signer = str(body.get("key", "?"))[:100]
+    except (ValueError, KeyError, TypeError, binascii.Error) as err:
+        raise AgentError(f"the package signature file is broken ({_reason(err)}): {hint}") from None
     if len(signature) != 64:
         raise AgentError("the package signature has the wrong length: re-sign it with `edgetune package`")
     return signature, signer

@@ -14,7 +14,13 @@ Layout of a store (``--store DIR``; default :func:`device_agent.config.default_s
 Crash safety: a package is unpacked and verified in ``staging/``, moved into ``slots/`` with one
 rename, self-checked there, and only then made ``current`` by replacing the symlink (a new link +
 ``os.replace``). Files and directories are fsynced before each of those steps, so after a power loss
-``current`` is either the old package or the new, fully checked one; never a half-installed one.
+``current`` is either the old package or the new, fully checked one; never a half-installed one. A
+failed install or rollback leaves ``current`` on a complete slot (or absent if none was ever installed).
+
+Hostile packages: a package is untrusted until its signature is verified, so it is read in one bounded
+pass (:mod:`device_agent.package_tar`) within the limits of :mod:`device_agent.config` (package size,
+unpacked bytes, members, header sizes, JSON size and depth), and no file is written past its signed size.
+A package built before the current one is refused unless ``allow_downgrade`` (see :func:`install`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import gzip
 import hashlib
 import importlib.util
 import json
@@ -34,8 +39,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
-import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,14 +52,15 @@ from .manifest import (
     SIGNATURE_NAME,
     Manifest,
     TrustedKey,
-    check_member_name,
     compatibility_problem,
     fingerprint,
     load_public_key,
     load_trusted_keys,
+    parse_json,
     sha256_file,
     verify_manifest,
 )
+from .package_tar import Limits, Member, PackageTar
 from .selfcheck import SelfCheckResult
 
 logger = logging.getLogger(__name__)
@@ -70,8 +74,6 @@ LOCK_NAME = ".lock"
 INSTALL_RECORD = "install.json"
 # Slots kept: current, previous and one older one; the rest are removed after each install.
 KEEP_SLOTS = 3
-# manifest.json and manifest.sig are small; anything bigger is not an edgetune package.
-_MAX_META_BYTES = 4 << 20
 _PART_SUFFIX = ".part"
 
 # Install steps, in order; on_step(step) is called as each begins.
@@ -80,7 +82,8 @@ STEPS = ("extract", "signature", "files", "compatibility", "slot", "self-check",
 
 class InstallError(AgentError):
     """An install that failed at ``step``. ``rolled_back``: the package had reached the store and was
-    removed again; ``current`` is the slot in use afterwards (unchanged by the failed install)."""
+    removed again; ``current`` is the slot in use afterwards (unchanged by the failed install, unless its
+    switch failed half-way and the new, self-checked slot had to stay)."""
 
     def __init__(self, step: str, message: str, *, rolled_back: bool = False, current: str | None = None,
                  self_check: SelfCheckResult | None = None) -> None:
@@ -244,9 +247,11 @@ def _slot_manifest(store: Path, slot: str) -> Manifest:
 
 def _slot_record(store: Path, slot: str) -> dict[str, Any]:
     try:
-        return json.loads((store / SLOTS_DIR / slot / INSTALL_RECORD).read_text())
-    except (OSError, json.JSONDecodeError):
+        record = parse_json((store / SLOTS_DIR / slot / INSTALL_RECORD).read_bytes(), INSTALL_RECORD,
+                            config.MAX_MANIFEST_BYTES, "install the package again")
+    except (OSError, AgentError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 # --- the board profile ----------------------------------------------------------------------------
@@ -309,99 +314,139 @@ def board_profile(profile: Mapping[str, Any] | Any | None = None) -> dict[str, A
 # --- unpack and verify ----------------------------------------------------------------------------
 
 
-def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    if member.size > _MAX_META_BYTES:
-        raise InstallError("extract", f"{member.name} in the package is {member.size} bytes: not an edgetune package")
-    src = tar.extractfile(member)
-    if src is None:
-        raise InstallError("extract", f"{member.name} in the package cannot be read: rebuild the package")
-    return src.read()
+_NOT_SIGNED = ("the package is not signed (no manifest.sig): sign it with `edgetune package` "
+               "(create a key first with `edgetune keys init`)")
+_REBUILD = "rebuild it with `edgetune package`"
+
+
+@contextlib.contextmanager
+def _step_errors(step: str) -> Iterator[None]:
+    """An :class:`AgentError` raised inside becomes an :class:`InstallError` of ``step`` (one passes through)."""
+    try:
+        yield
+    except InstallError:
+        raise
+    except AgentError as err:
+        raise InstallError(step, str(err)) from None
 
 
 def _unpack(pkg: Path, staging: Path, trust_dir: Path, on_step: Callable[[str], None]) -> tuple[Manifest, bytes, TrustedKey]:
     """Unpack ``pkg`` into ``staging``, verifying as it goes: the signature over manifest.json before any
-    other file is written, then each file's sha256, no unlisted and no missing files.
+    other file is written, then each file's size and sha256 as it is written, no unlisted and no missing files.
 
     manifest.json and manifest.sig must be the first members (``edgetune package`` writes them so), which
-    means nothing unsigned is ever written to disk.
+    means nothing unsigned is ever written to disk. Every size is bounded before it is read
+    (:mod:`device_agent.package_tar`, the limits in :mod:`device_agent.config`).
     """
-    manifest: Manifest | None = None
-    manifest_bytes: bytes | None = None
-    sig_bytes: bytes | None = None
-    signer: TrustedKey | None = None
-    written: set[str] = set()
-    try:
-        with tarfile.open(pkg, mode="r:*") as tar:
-            for member in tar:
-                name = member.name
-                try:
-                    check_member_name(name)
-                except AgentError as err:
-                    raise InstallError("extract", str(err)) from None
-                if member.isdir():
-                    continue
-                if not member.isreg():
-                    kind = "link" if (member.issym() or member.islnk()) else "special file"
-                    raise InstallError("extract", f"the package holds a {kind} {name!r}: refusing it; rebuild it with `edgetune package`")
-                if name in (MANIFEST_NAME, SIGNATURE_NAME):
-                    if (manifest_bytes if name == MANIFEST_NAME else sig_bytes) is not None or manifest is not None:
-                        raise InstallError("extract", f"the package holds {name} twice: refusing it; rebuild it with `edgetune package`")
-                    data = _read_small(tar, member)
-                    if name == MANIFEST_NAME:
-                        manifest_bytes = data
-                    else:
-                        sig_bytes = data
-                    if manifest_bytes is not None and sig_bytes is not None:
-                        on_step("signature")
-                        try:
-                            signer = verify_manifest(manifest_bytes, sig_bytes, load_trusted_keys(trust_dir), str(trust_dir))
-                        except AgentError as err:
-                            raise InstallError("signature", str(err)) from None
-                        try:
-                            manifest = Manifest.from_json(manifest_bytes)
-                        except AgentError as err:
-                            raise InstallError("extract", str(err)) from None
-                    continue
-                if manifest is None:
-                    if manifest_bytes is not None and sig_bytes is None:
-                        raise InstallError("signature", "the package is not signed (no manifest.sig): sign it with `edgetune package` (create a key first with `edgetune keys init`)")
-                    raise InstallError("extract", "the package does not start with manifest.json and manifest.sig: it was not made by `edgetune package`; rebuild it")
-                if name not in manifest.files:
-                    raise InstallError("files", f"the package holds {name}, which its manifest does not list: refusing it; rebuild it with `edgetune package`")
-                if name in written:
-                    raise InstallError("files", f"the package holds {name} twice: refusing it; rebuild it with `edgetune package`")
-                digest = _extract_file(tar, member, staging / name)
-                written.add(name)
-                if digest != manifest.files[name]:
-                    raise InstallError("files", f"{name} does not match its sha256 in the signed manifest: the package was altered or damaged; build and flash it again")
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise InstallError("extract", f"the package is damaged or incomplete ({err}): copy or flash it again") from None
-    if manifest is None or manifest_bytes is None or signer is None:
-        if manifest_bytes is not None:
-            raise InstallError("signature", "the package is not signed (no manifest.sig): sign it with `edgetune package` (create a key first with `edgetune keys init`)")
-        raise InstallError("extract", "the package has no manifest.json (empty, cut off, or not an edgetune package): flash it again")
-    on_step("files")
+    size = pkg.stat().st_size
+    if size > config.MAX_PACKAGE_BYTES:
+        raise InstallError("extract", f"the package is {size} bytes, more than the {config.MAX_PACKAGE_BYTES} this board "
+                                      f"accepts (EDGETUNE_MAX_PACKAGE_BYTES): refusing it; {_REBUILD} or raise the limit")
+    limits = Limits(max_unpacked=config.MAX_UNPACKED_BYTES, max_members=config.MAX_PACKAGE_MEMBERS,
+                    max_ext_header=config.MAX_TAR_EXT_HEADER_BYTES)
+    with open(pkg, "rb") as raw:
+        tar = PackageTar(raw, limits)
+        members = iter(tar)
+        with _step_errors("extract"):
+            manifest_bytes, sig_bytes = _read_signed_head(tar, members)
+        on_step("signature")
+        with _step_errors("signature"):
+            signer = verify_manifest(manifest_bytes, sig_bytes, load_trusted_keys(trust_dir), str(trust_dir))
+        with _step_errors("extract"):
+            manifest = Manifest.from_json(manifest_bytes)
+        on_step("files")
+        _check_signed_sizes(manifest, staging)
+        with _step_errors("files"):
+            written = _extract_files(tar, members, manifest, staging)
+            tar.finish()
     missing = sorted(set(manifest.files) - written)
     if missing:
         raise InstallError("files", f"the package is incomplete, missing {', '.join(missing)} (cut-off upload or damaged file): flash it again")
     write_atomic(staging / MANIFEST_NAME, manifest_bytes)
-    write_atomic(staging / SIGNATURE_NAME, sig_bytes or b"")
+    write_atomic(staging / SIGNATURE_NAME, sig_bytes)
     for sub in sorted({(staging / n).parent for n in written}, key=lambda p: len(p.parts), reverse=True):
         fsync_dir(sub)
     return manifest, manifest_bytes, signer
 
 
-def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> str:
-    src = tar.extractfile(member)
-    if src is None:
-        raise InstallError("extract", f"{member.name} in the package cannot be read: rebuild the package")
+def _read_signed_head(tar: PackageTar, members: Iterator[Member]) -> tuple[bytes, bytes]:
+    """manifest.json and manifest.sig, the first two files of the package (each bounded before it is read)."""
+    head: dict[str, bytes] = {}
+    for member in members:
+        if member.is_dir:
+            continue
+        if member.name not in (MANIFEST_NAME, SIGNATURE_NAME):
+            if MANIFEST_NAME in head:
+                raise InstallError("signature", _NOT_SIGNED)
+            raise InstallError("extract", "the package does not start with manifest.json and manifest.sig: "
+                                          "it was not made by `edgetune package`; rebuild it")
+        if member.name in head:
+            raise InstallError("extract", f"the package holds {member.name} twice: refusing it; {_REBUILD}")
+        cap = config.MAX_MANIFEST_BYTES if member.name == MANIFEST_NAME else config.MAX_SIGNATURE_BYTES
+        if member.size > cap:
+            raise InstallError("extract", f"{member.name} in the package is {member.size} bytes (at most {cap}): "
+                                          f"refusing it; {_REBUILD}")
+        head[member.name] = b"".join(tar.chunks())
+        if len(head) == 2:
+            return head[MANIFEST_NAME], head[SIGNATURE_NAME]
+    if MANIFEST_NAME in head:
+        raise InstallError("signature", _NOT_SIGNED)
+    raise InstallError("extract", "the package has no manifest.json (empty, cut off, or not an edgetune package): flash it again")
+
+
+def _check_signed_sizes(manifest: Manifest, staging: Path) -> None:
+    """Refuse, before writing any, files the signed manifest says are too big for this board or its disk."""
+    if manifest.sizes is None:
+        return  # a package made before sizes were signed: checked file by file as it unpacks
+    need = sum(manifest.sizes.values())
+    if need > config.MAX_UNPACKED_BYTES:
+        raise InstallError("files", f"the package's files add up to {need} bytes, more than the {config.MAX_UNPACKED_BYTES} "
+                                    f"this board accepts (EDGETUNE_MAX_UNPACKED_BYTES): refusing it; {_REBUILD} or raise the limit")
+    _check_space(need, staging)
+
+
+def _check_space(need: int, staging: Path) -> None:
+    free = shutil.disk_usage(staging).free
+    if need > free:
+        raise InstallError("files", f"the package needs {need / 1e6:.1f} MB more, {staging.parent.parent} has "
+                                    f"{free / 1e6:.1f} MB free: free some space and flash again")
+
+
+def _extract_files(tar: PackageTar, members: Iterator[Member], manifest: Manifest, staging: Path) -> set[str]:
+    """Write the rest of the package into ``staging``: only files the signed manifest lists, each once, each
+    exactly its signed size (when the manifest has sizes) and sha256. Returns the names written."""
+    written: set[str] = set()
+    for member in members:
+        if member.is_dir:
+            continue
+        name = member.name
+        if name in written or name in (MANIFEST_NAME, SIGNATURE_NAME):
+            raise InstallError("files", f"the package holds {name} twice: refusing it; {_REBUILD}")
+        if name not in manifest.files:
+            raise InstallError("files", f"the package holds {name}, which its manifest does not list: refusing it; {_REBUILD}")
+        # Refused before a byte is written (the tar yields exactly member.size bytes): a file bigger than
+        # its signed size, or, with no signed sizes, bigger than the disk has room for.
+        if manifest.sizes is None:
+            _check_space(member.size, staging)
+        elif member.size != manifest.sizes[name]:
+            raise InstallError("files", f"{name} is {member.size} bytes in the package, {manifest.sizes[name]} in its "
+                                        "signed manifest: the package was altered or damaged; build and flash it again")
+        digest = _write_file(tar.chunks(), staging / name)
+        written.add(name)
+        if digest != manifest.files[name]:
+            raise InstallError("files", f"{name} does not match its sha256 in the signed manifest: the package was altered or damaged; build and flash it again")
+    return written
+
+
+def _write_file(chunks: Iterator[bytes], dest: Path) -> str:
+    """Write ``chunks`` to the new file ``dest`` (fsynced), hashing them on the way; their sha256."""
     digest = hashlib.sha256()
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "wb") as out:
-        while block := src.read(1 << 20):
-            digest.update(block)
-            out.write(block)
+        for chunk in chunks:
+            digest.update(chunk)
+            out.write(chunk)
         out.flush()
         os.fsync(out.fileno())
     return digest.hexdigest()
@@ -442,7 +487,7 @@ def run_selfcheck_process(slot_dir: Path, timeout: float | None = None) -> SelfC
                 data = json.loads(line)
                 return SelfCheckResult(**{k: data.get(k) for k in ("ok", "max_abs_err", "p50_ms", "load_ms", "error")},
                                        runs=int(data.get("runs") or 0))
-            except (json.JSONDecodeError, TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 break
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
@@ -465,13 +510,50 @@ def _slot_name(store: Path, manifest_bytes: bytes) -> str:
     return name
 
 
-def _describe(store: Path, slot: str | None) -> str:
+def _describe(store: Path, slot: str | None, still: bool = True) -> str:
+    """``"<model> (<slot>) is still current"`` (without "still" when it just became so)."""
+    is_current = "is still current" if still else "is current"
     if slot is None:
         return "no model is installed"
     try:
-        return f"{_slot_manifest(store, slot).model_name} ({slot}) is still current"
+        return f"{_slot_manifest(store, slot).model_name} ({slot}) {is_current}"
     except (OSError, AgentError):
-        return f"{slot} is still current"
+        return f"{slot} {is_current}"
+
+
+def _restore_links(store: Path, current: str | None, previous: str | None) -> None:
+    """After a failed switch, point ``current`` and then ``previous`` back where they were (best effort:
+    a link that cannot be restored keeps pointing at the complete slot it was switched to)."""
+    if current is not None and _link_target(store, CURRENT) != current:
+        with contextlib.suppress(OSError):
+            _set_link(store, CURRENT, current)
+    if previous is not None and _link_target(store, CURRENT) == current and _link_target(store, PREVIOUS) != previous:
+        with contextlib.suppress(OSError):
+            _set_link(store, PREVIOUS, previous)
+
+
+def _built_at(manifest: Manifest) -> datetime | None:
+    try:
+        stamp = datetime.fromisoformat(manifest.created)
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+def _downgrade_problem(store: Path, current: str | None, manifest: Manifest) -> str | None:
+    """Why ``manifest`` would be a downgrade from the current slot (built before it); ``None`` if it is not."""
+    if current is None:
+        return None
+    try:
+        installed = _slot_manifest(store, current)
+    except (OSError, AgentError):
+        return None  # nothing readable to compare with
+    new, old = _built_at(manifest), _built_at(installed)
+    if old is None or (new is not None and new >= old):
+        return None
+    return (f"the package was built {manifest.created[:40]}, older than the installed {installed.model_name} "
+            f"(built {installed.created[:40]}): refusing a downgrade; install it with --allow-downgrade, or return to "
+            "the previous package with `edgetune-agent rollback`")
 
 
 def _prune(store: Path, current: str, previous: str | None) -> list[str]:
@@ -498,15 +580,28 @@ def install(
     trust_dir: str | os.PathLike[str] | None = None,
     profile: Mapping[str, Any] | Any | None = None,
     on_step: Callable[[str], None] | None = None,
+    *,
+    allow_downgrade: bool = False,
 ) -> InstallResult:
     """Install a package and make it current, or leave the store as it was.
 
     ``profile`` is the board profile (dict, or object with ``as_dict()``; default: probe this board).
     ``on_step(step)`` is called as each of :data:`STEPS` begins. Raises :class:`InstallError` (one line:
-    what failed and what to do) with ``rolled_back`` set when the package had reached the store and was
-    taken out again; ``current`` is then unchanged.
+    what failed and what to do; nothing else for a hostile package) with ``rolled_back`` set when the
+    package had reached the store and was taken out again, and ``current`` the slot in use afterwards.
+
+    Versions: a package built (its signed ``created``) before the current one is refused unless
+    ``allow_downgrade``. A signed package never expires, so without this anyone holding an old one could
+    put it back on the board; going back on purpose is ``rollback`` (to the previous slot), this flag, or
+    packaging the old build again (which signs it anew).
     """
-    step = on_step or (lambda _step: None)
+    current_step = ["extract"]
+
+    def step(name: str) -> None:
+        current_step[0] = name
+        if on_step is not None:
+            on_step(name)
+
     pkg = Path(pkg_path)
     store_dir = resolve_store(store)
     trusted = Path(trust_dir) if trust_dir is not None else store_dir / TRUSTED_DIR
@@ -514,93 +609,132 @@ def install(
         raise InstallError("extract", f"{pkg} is an unfinished upload (.part): flash the package again")
     if not pkg.is_file():
         raise InstallError("extract", f"package {pkg} not found: give the path of a .etpkg file made by `edgetune package`")
-    _prepare(store_dir)
-    with _locked(store_dir):
-        _clear_leftovers(store_dir)
-        old_current = _link_target(store_dir, CURRENT)
-        try:
-            result = _install_locked(pkg, store_dir, trusted, profile, step, old_current)
-        except InstallError as err:
-            err.current = old_current
-            raise
+    try:
+        _prepare(store_dir)
+        with _locked(store_dir):
+            try:
+                _clear_leftovers(store_dir)
+                result = _install_locked(pkg, store_dir, trusted, profile, step, allow_downgrade)
+            except (AgentError, OSError) as err:
+                raise _install_error(err, current_step[0], store_dir) from None
+    except InstallError:
+        raise
+    except (AgentError, OSError) as err:  # the store cannot be made, or another install holds it
+        raise _install_error(err, "extract", store_dir) from None
     logger.info("installed %s into %s", result.model_name, result.slot)
     return result
 
 
+def _install_error(err: AgentError | OSError, step: str, store_dir: Path) -> InstallError:
+    """``err`` as the :class:`InstallError` of ``step``, naming the slot that is current now."""
+    if not isinstance(err, InstallError):
+        if isinstance(err, AgentError):
+            message = str(err)
+        elif err.errno == errno.ENOSPC:
+            message = f"no space left in {store_dir}: free some space and flash again"
+        else:
+            message = f"{err.strerror or err} ({err.filename or store_dir}): check the store's disk and permissions"
+        err = InstallError(step, message)
+    err.current = _link_target(store_dir, CURRENT)
+    return err
+
+
 def _install_locked(pkg: Path, store_dir: Path, trusted: Path, profile: Mapping[str, Any] | Any | None,
-                    step: Callable[[str], None], old_current: str | None) -> InstallResult:
-    staging = store_dir / STAGING_DIR / secrets.token_hex(8)
-    staging.mkdir()
+                    step: Callable[[str], None], allow_downgrade: bool) -> InstallResult:
+    old_current = _link_target(store_dir, CURRENT)
+    old_previous = _link_target(store_dir, PREVIOUS)
+    manifest, signer, slot = _stage(pkg, store_dir, trusted, profile, step, old_current, allow_downgrade)
+    slot_dir = store_dir / SLOTS_DIR / slot
     try:
-        step("extract")
-        try:
-            manifest, manifest_bytes, signer = _unpack(pkg, staging, trusted, step)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise InstallError("extract", f"no space left in {store_dir}: free some space and flash again") from None
-            raise InstallError("extract", f"cannot unpack into {store_dir} ({err.strerror}): check the store's permissions") from None
-
-        step("compatibility")
-        board = board_profile(profile)
-        problem = compatibility_problem(manifest.target, board)
-        if problem:
-            raise InstallError("compatibility", problem)
-        warnings = _version_warnings(manifest)
-
-        step("slot")
-        slot = _slot_name(store_dir, manifest_bytes)
-        slot_dir = store_dir / SLOTS_DIR / slot
-        os.rename(staging, slot_dir)
-        fsync_dir(store_dir / SLOTS_DIR)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-    # The check runs on the slot before it becomes current: a package that fails it is never used.
-    step("self-check")
-    check = run_selfcheck_process(slot_dir)
-    if not check.ok:
-        shutil.rmtree(slot_dir, ignore_errors=True)
-        raise InstallError(
-            "self-check",
-            f"self-check failed: {check.error}; install rolled back, {_describe(store_dir, old_current)}",
-            rolled_back=True, self_check=check,
-        )
-    installed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    package_sha256 = sha256_file(pkg)
-    record = {
-        "installed_at": installed_at,
-        "package_sha256": package_sha256,
-        "signer": signer.fingerprint,
-        "self_check": check.as_dict(),
-    }
-    write_atomic(slot_dir / INSTALL_RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-
-    step("switch")
-    try:
-        # previous first: a crash in between leaves current untouched.
-        if old_current is not None:
-            _set_link(store_dir, PREVIOUS, old_current)
-        _set_link(store_dir, CURRENT, slot)
-    except OSError as err:
-        if old_current is not None:
-            with contextlib.suppress(OSError):
-                _set_link(store_dir, CURRENT, old_current)
-        shutil.rmtree(slot_dir, ignore_errors=True)
-        raise InstallError(
-            "switch", f"switching to the new package failed ({err.strerror}); install rolled back, "
-            f"{_describe(store_dir, old_current)}: check the store's disk and permissions",
-            rolled_back=True, self_check=check,
-        ) from None
+        # The check runs on the slot before it becomes current: a package that fails it is never used.
+        step("self-check")
+        check = run_selfcheck_process(slot_dir)
+        if not check.ok:
+            raise InstallError(
+                "self-check",
+                f"self-check failed: {check.error}; install rolled back, {_describe(store_dir, old_current)}",
+                rolled_back=True, self_check=check,
+            )
+        installed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        package_sha256 = sha256_file(pkg)
+        record = {
+            "installed_at": installed_at,
+            "package_sha256": package_sha256,
+            "signer": signer.fingerprint,
+            "self_check": check.as_dict(),
+        }
+        write_atomic(slot_dir / INSTALL_RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+        step("switch")
+        _switch(store_dir, slot, old_current, old_previous, check)
+    except BaseException:
+        # Never a slot nobody uses, and never the removal of the one current points at.
+        if _link_target(store_dir, CURRENT) != slot:
+            shutil.rmtree(slot_dir, ignore_errors=True)
+        raise
 
     step("prune")
     pruned = _prune(store_dir, slot, old_current)
     return InstallResult(
         store=str(store_dir), slot=slot, previous=old_current, model_name=manifest.model_name,
         model_sha256=manifest.model_sha256, key=manifest.key, package_sha256=package_sha256,
-        signer=signer.fingerprint, installed_at=installed_at, self_check=check, pruned=pruned, warnings=warnings,
+        signer=signer.fingerprint, installed_at=installed_at, self_check=check, pruned=pruned,
+        warnings=_version_warnings(manifest),
     )
 
+
+def _stage(pkg: Path, store_dir: Path, trusted: Path, profile: Mapping[str, Any] | Any | None,
+           step: Callable[[str], None], old_current: str | None, allow_downgrade: bool) -> tuple[Manifest, TrustedKey, str]:
+    """Unpack and verify the package in staging/, check it suits this board, move it into a new slot."""
+    staging = store_dir / STAGING_DIR / secrets.token_hex(8)
+    staging.mkdir()
+    try:
+        step("extract")
+        manifest, manifest_bytes, signer = _unpack(pkg, staging, trusted, step)
+
+        step("compatibility")
+        problem = compatibility_problem(manifest.target, board_profile(profile))
+        if problem is None and not allow_downgrade:
+            problem = _downgrade_problem(store_dir, old_current, manifest)
+        if problem:
+            raise InstallError("compatibility", problem)
+
+        step("slot")
+        slot = _slot_name(store_dir, manifest_bytes)
+        slot_dir = store_dir / SLOTS_DIR / slot
+        os.rename(staging, slot_dir)
+        try:
+            fsync_dir(store_dir / SLOTS_DIR)
+        except OSError:
+            shutil.rmtree(slot_dir, ignore_errors=True)
+            raise
+        return manifest, signer, slot
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _switch(store_dir: Path, slot: str, old_current: str | None, old_previous: str | None,
+            check: SelfCheckResult) -> None:
+    """Make ``slot`` current (and the old current previous). On failure the links are put back; if ``current``
+    cannot be put back it stays on ``slot`` (complete and self-checked), never on a removed slot."""
+    try:
+        # previous first: a crash in between leaves current untouched.
+        if old_current is not None:
+            _set_link(store_dir, PREVIOUS, old_current)
+        _set_link(store_dir, CURRENT, slot)
+    except OSError as err:
+        _restore_links(store_dir, old_current, old_previous)
+        if _link_target(store_dir, CURRENT) == slot:
+            raise InstallError(
+                "switch", f"switching to the new package failed ({err.strerror}) and the old one could not be made "
+                f"current again: {_describe(store_dir, slot, still=False)}; check the store's disk",
+                self_check=check,
+            ) from None
+        raise InstallError(
+            "switch", f"switching to the new package failed ({err.strerror}); install rolled back, "
+            f"{_describe(store_dir, old_current)}: check the store's disk and permissions",
+            rolled_back=True, self_check=check,
+        ) from None
 
 
 def _version_warnings(manifest: Manifest) -> list[str]:
@@ -617,7 +751,8 @@ def _version_warnings(manifest: Manifest) -> list[str]:
 
 def rollback(store: str | os.PathLike[str] | None = None) -> RollbackResult:
     """Make ``previous`` current again (and the current one previous). Raises :class:`AgentError` when
-    there is no previous package or its files are damaged."""
+    there is no previous package, its files are damaged, or the links cannot be switched (then
+    ``current`` is left on a complete slot)."""
     store_dir = resolve_store(store)
     if not (store_dir / SLOTS_DIR).is_dir():
         raise AgentError(f"{store_dir} holds no installed package: flash one with `edgetune flash`")
@@ -626,14 +761,23 @@ def rollback(store: str | os.PathLike[str] | None = None) -> RollbackResult:
         previous = _link_target(store_dir, PREVIOUS)
         if previous is None or previous == current:
             raise AgentError(f"nothing to roll back to: {store_dir} has no previous package")
-        manifest = _slot_manifest(store_dir, previous)
-        problem = _verify_slot_files(store_dir / SLOTS_DIR / previous, manifest)
+        try:
+            manifest = _slot_manifest(store_dir, previous)
+            problem = _verify_slot_files(store_dir / SLOTS_DIR / previous, manifest)
+        except (OSError, AgentError) as err:
+            problem = str(err)
         if problem:
             raise AgentError(f"the previous package ({previous}) is damaged: {problem}; flash a package instead")
-        # previous first: a crash in between leaves current untouched.
-        if current is not None:
-            _set_link(store_dir, PREVIOUS, current)
-        _set_link(store_dir, CURRENT, previous)
+        try:
+            # previous first: a crash in between leaves current untouched.
+            if current is not None:
+                _set_link(store_dir, PREVIOUS, current)
+            _set_link(store_dir, CURRENT, previous)
+        except OSError as err:
+            _restore_links(store_dir, current, previous)
+            now = _link_target(store_dir, CURRENT)
+            raise AgentError(f"rolling back failed ({err.strerror}): {_describe(store_dir, now, still=now == current)}; "
+                             "check the store's disk and permissions") from None
     return RollbackResult(store=str(store_dir), current=previous, previous=current, model_name=manifest.model_name)
 
 
