@@ -521,15 +521,22 @@ def _describe(store: Path, slot: str | None, still: bool = True) -> str:
         return f"{slot} {is_current}"
 
 
-def _restore_links(store: Path, current: str | None, previous: str | None) -> None:
-    """After a failed switch, point ``current`` and then ``previous`` back where they were (best effort:
-    a link that cannot be restored keeps pointing at the complete slot it was switched to)."""
-    if current is not None and _link_target(store, CURRENT) != current:
-        with contextlib.suppress(OSError):
-            _set_link(store, CURRENT, current)
-    if previous is not None and _link_target(store, CURRENT) == current and _link_target(store, PREVIOUS) != previous:
-        with contextlib.suppress(OSError):
-            _set_link(store, PREVIOUS, previous)
+def _make_current(store: Path, slot: str, current: str | None, previous: str | None) -> None:
+    """Point ``current`` at ``slot`` and ``previous`` at the old ``current`` (previous first: a crash in
+    between leaves current untouched). On an OSError both are put back as far as they can be, then it is
+    raised: a link that cannot be put back stays on the complete slot it was switched to."""
+    try:
+        if current is not None:
+            _set_link(store, PREVIOUS, current)
+        _set_link(store, CURRENT, slot)
+    except OSError:
+        if current is not None and _link_target(store, CURRENT) != current:
+            with contextlib.suppress(OSError):
+                _set_link(store, CURRENT, current)
+        if previous is not None and _link_target(store, CURRENT) == current and _link_target(store, PREVIOUS) != previous:
+            with contextlib.suppress(OSError):
+                _set_link(store, PREVIOUS, previous)
+        raise
 
 
 def _built_at(manifest: Manifest) -> datetime | None:
@@ -718,12 +725,8 @@ def _switch(store_dir: Path, slot: str, old_current: str | None, old_previous: s
     """Make ``slot`` current (and the old current previous). On failure the links are put back; if ``current``
     cannot be put back it stays on ``slot`` (complete and self-checked), never on a removed slot."""
     try:
-        # previous first: a crash in between leaves current untouched.
-        if old_current is not None:
-            _set_link(store_dir, PREVIOUS, old_current)
-        _set_link(store_dir, CURRENT, slot)
+        _make_current(store_dir, slot, old_current, old_previous)
     except OSError as err:
-        _restore_links(store_dir, old_current, old_previous)
         if _link_target(store_dir, CURRENT) == slot:
             raise InstallError(
                 "switch", f"switching to the new package failed ({err.strerror}) and the old one could not be made "
@@ -769,12 +772,8 @@ def rollback(store: str | os.PathLike[str] | None = None) -> RollbackResult:
         if problem:
             raise AgentError(f"the previous package ({previous}) is damaged: {problem}; flash a package instead")
         try:
-            # previous first: a crash in between leaves current untouched.
-            if current is not None:
-                _set_link(store_dir, PREVIOUS, current)
-            _set_link(store_dir, CURRENT, previous)
+            _make_current(store_dir, previous, current, previous)
         except OSError as err:
-            _restore_links(store_dir, current, previous)
             now = _link_target(store_dir, CURRENT)
             raise AgentError(f"rolling back failed ({err.strerror}): {_describe(store_dir, now, still=now == current)}; "
                              "check the store's disk and permissions") from None

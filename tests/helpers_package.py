@@ -29,6 +29,13 @@ def make_pkg(work: Path, name: str, key: Path, log: Path, **build_kwargs: Any) -
     return Path(package(out, log, work / f"{name}.etpkg", key_path=key).path)
 
 
+def installed_store(store: Path, key: Path, pkg: Path) -> Path:
+    """``store`` trusting ``key`` (its .pub beside it) with ``pkg`` installed and current."""
+    store_mod.trust(key.with_name(key.name + ".pub"), store)
+    store_mod.install(pkg, store, profile=this_board_profile())
+    return store
+
+
 def members(pkg: Path) -> list[tuple[str, bytes]]:
     """The files of a package, in order: ``[(name, data), ...]``."""
     with tarfile.open(pkg, "r:gz") as tar:

@@ -33,7 +33,15 @@ from device_agent.manifest import (
 from host.errors import EdgetuneError
 from host.package import init_keys, load_signing_key, package, read_package_manifest
 from tests.helpers_build import make_build_dir, make_log_dir, this_board_profile
-from tests.helpers_package import assert_unchanged, current, install_fails, make_pkg, members, repack
+from tests.helpers_package import (
+    assert_unchanged,
+    current,
+    install_fails,
+    installed_store,
+    make_pkg,
+    members,
+    repack,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 A72 = {"arch": "aarch64", "cpu": "Cortex-A72", "features": ["fp", "asimd", "neon", "crc32", "cpuid"], "os": "linux"}
@@ -66,10 +74,7 @@ def good_pkg(work: Path, signing_key: Path, log_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def base_store(work: Path, signing_key: Path, good_pkg: Path) -> Path:
     """A store with the good package installed: copied for each test that needs a current model."""
-    store = work / "base-store"
-    store_mod.trust(signing_key.with_name(signing_key.name + ".pub"), store)
-    store_mod.install(good_pkg, store, profile=this_board_profile())
-    return store
+    return installed_store(work / "base-store", signing_key, good_pkg)
 
 
 @pytest.fixture()

@@ -41,6 +41,7 @@ from tests.helpers_build import make_log_dir, this_board_profile
 from tests.helpers_package import (
     current,
     install_fails,
+    installed_store,
     make_pkg,
     members,
     repack,
@@ -110,10 +111,7 @@ def good_pkg(work: Path, signing_key: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def base_store(work: Path, signing_key: Path, good_pkg: Path) -> Path:
-    store = work / "base-store"
-    store_mod.trust(signing_key.with_name(signing_key.name + ".pub"), store)
-    store_mod.install(good_pkg, store, profile=this_board_profile())
-    return store
+    return installed_store(work / "base-store", signing_key, good_pkg)
 
 
 @pytest.fixture()
