@@ -23,6 +23,15 @@ from pathlib import Path
 from _bed import local_board
 
 
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+
+
+def model_path(name: str) -> str:
+    """A model name of ../shared/models (mobilenet_v2, resnet18, resnet34) or anything `tune` takes."""
+    shared = SHARED_MODELS / f"{name}.onnx"
+    return str(shared) if not Path(name).exists() and shared.exists() else name
+
+
 def variant_name(args) -> str:
     parts = []
     if args.no_layout_rewrite:
@@ -58,7 +67,7 @@ def main() -> None:
     target = read_profile().target
     figures = []
     with local_board() as bed:
-        for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        for model in [model_path(m.strip()) for m in args.models.split(",") if m.strip()]:
             log_dir = Path(args.logs) / f"{Path(model).stem}-{args.trials}-{variant_name(args)}"
             started = time.monotonic()
             result = run_session(TuneOptions(model=model, key=bed["key"], trials=args.trials, log_dir=str(log_dir),
