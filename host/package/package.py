@@ -167,6 +167,8 @@ def package(
             latency_ms=float(latency) if latency is not None else None,
             created=created,
             files=files,
+            # Signed sizes: a board writes no file past its size while unpacking, before any hash.
+            sizes={name: path.stat().st_size for name, path in sources.items()},
         )
         manifest.check_files()
     except (KeyError, TypeError, ValueError, AgentError) as err:
