@@ -48,7 +48,9 @@ def show(log_dir: str | Path) -> dict[str, Any]:
     tasks = {t.get("workload_hash"): t for t in session.get("tasks", [])}
     rows: list[TaskBest] = []
     seen: set[str] = set()
-    for best in best_records(log.path):
+    with log.snapshot() as folder:  # the complete records only, without writing to the log
+        bests = best_records(folder)
+    for best in bests:
         task = tasks.get(best.workload_hash, {})
         seen.add(best.workload_hash)
         data = decisions_dict(best.record.trace, best.mod) if best.record is not None else {}

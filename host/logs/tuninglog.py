@@ -8,16 +8,31 @@ DIR/history.jsonl                one line per trial: task, time, latency, GFLOPS
 ```
 
 Records of different targets never mix: a DIR belongs to one target and one model, and a session
-for another is refused. A line cut short by a crash (SIGKILL, power loss) is dropped when the log is
-opened again, so a resumed session never trips on it.
+for another is refused.
+
+One writer, many readers. The writer (``TuningLog.open(DIR, create=True)``: `edgetune tune`, and the new
+folder of `edgetune log merge|export`) holds an exclusive ``flock`` on ``DIR/.edgetune.lock`` for as long
+as it lives (or until :meth:`TuningLog.close`); a second writer is refused at once, and a killed writer's
+lock goes away with its process. A line cut short by a crash (SIGKILL, power loss) is dropped by the next
+writer when it opens the log, so a resumed session never trips on it. Readers (`edgetune build`, `bench`,
+`log show`, ``--from-log``) never write to DIR: they ignore, in memory, a last line still being appended
+(and any other line that is not JSON) and read the MetaSchedule database from a private copy of its
+complete lines, so a log being tuned can be read at any time and is left byte for byte as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import logging
 import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +48,7 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 SESSION_FILE = "session.json"
 HISTORY_FILE = "history.jsonl"
+LOCK_FILE = ".edgetune.lock"
 FORMAT = 1
 
 
@@ -55,24 +71,67 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON crash-safely: a reader never sees half a file."""
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
-def repair_jsonl(path: Path) -> int:
-    """Drop lines that are not complete JSON (a write cut off by a crash). Returns lines dropped."""
-    if not path.exists():
-        return 0
-    raw = path.read_bytes()
-    if not raw:
-        return 0
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_jsonl(raw: bytes) -> tuple[list[bytes], int, bool]:
+    """The complete JSON lines of ``raw`` (without their newline), how many complete lines are not JSON, and
+    whether the last line is torn (no newline and not complete JSON: a write in progress or cut short).
+
+    A last line without its newline that is complete JSON counts as complete: no proper prefix of a JSON
+    array or object line is itself JSON, so it cannot be a write still in progress.
+    """
+    lines = raw.split(b"\n")
+    tail = lines.pop()  # what follows the last newline ("" when the file ends with one)
     good: list[bytes] = []
     dropped = 0
-    for line in raw.splitlines():
+    for line in lines:
         if not line.strip():
             continue
-        try:
-            json.loads(line)
-        except ValueError:
+        if _is_json(line):
+            good.append(line)
+        else:
             dropped += 1
-            continue
-        good.append(line)
+    torn = False
+    if tail.strip():
+        if _is_json(tail):
+            good.append(tail)
+        else:
+            torn = True
+    return good, dropped, torn
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+    except OSError as err:
+        raise EdgetuneError(f"cannot read {path} ({err.strerror}): check its permissions") from None
+
+
+def complete_lines(path: Path) -> list[bytes]:
+    """The complete JSON lines of a JSONL file, read without writing: a last line still being appended and
+    lines that are not JSON are left out (in memory only)."""
+    return _split_jsonl(_read_bytes(path))[0]
+
+
+def repair_jsonl(path: Path) -> int:
+    """Drop lines that are not complete JSON (a write cut off by a crash). Returns lines dropped.
+
+    Only the writer of a log may call this (it rewrites the file): see :meth:`TuningLog.open`.
+    """
+    raw = _read_bytes(path)
+    if not raw:
+        return 0
+    good, dropped, torn = _split_jsonl(raw)
+    dropped += int(torn)
     if dropped or not raw.endswith(b"\n"):
         write_atomic(path, b"".join(g + b"\n" for g in good))
         if dropped:
@@ -81,26 +140,67 @@ def repair_jsonl(path: Path) -> int:
 
 
 def read_jsonl(path: Path) -> list[Any]:
-    if not path.exists():
-        return []
-    out = []
-    with open(path) as stream:
-        for line in stream:
-            line = line.strip()
-            if line:
+    """The entries of a JSONL file; a torn last line and lines that are not JSON are skipped."""
+    return [json.loads(line) for line in complete_lines(path)]
+
+
+class _WriterLock:
+    """The flock of one log folder, held by this process while a writer :class:`TuningLog` uses it."""
+
+    _held: "weakref.WeakValueDictionary[tuple[int, int, int], _WriterLock]" = weakref.WeakValueDictionary()
+    _guard = threading.Lock()
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)  # closing the fd releases the flock
+
+    @classmethod
+    def take(cls, folder: Path) -> "_WriterLock":
+        """Lock ``folder`` for writing, or raise :class:`EdgetuneError` naming the process that holds it.
+
+        A writer of this process that still lives shares its lock (a resume in the same process must not
+        be refused by a log object not yet collected); another process is refused at once.
+        """
+        lock_path = folder / LOCK_FILE
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise EdgetuneError(f"cannot lock the tuning log {folder} ({err.strerror}): check that the folder "
+                                "is writable, or use another --log") from None
+        try:
+            st = os.fstat(fd)
+            key = (os.getpid(), st.st_dev, st.st_ino)
+            with cls._guard:
+                held = cls._held.get(key)
+                if held is not None:
+                    os.close(fd)
+                    return held
                 try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-    return out
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    pid = holder if holder.isdigit() else "unknown"
+                    raise EdgetuneError(f"the tuning log {folder} is being written by another `edgetune tune` "
+                                        f"(pid {pid}): wait for it or use another --log") from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                lock = cls(fd)
+                cls._held[key] = lock
+                return lock
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
 
 
 @dataclass
 class TuningLog:
-    """A tuning log directory."""
+    """A tuning log directory, open for reading or (one process at a time) for writing."""
 
     path: Path
     session: dict[str, Any] = field(default_factory=dict)
+    writer: bool = False
+    _lock: _WriterLock | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def workload_file(self) -> Path:
@@ -115,9 +215,16 @@ class TuningLog:
         return self.path / HISTORY_FILE
 
     @classmethod
-    def open(cls, path: str | Path, create: bool = False) -> "TuningLog":
-        """Open (and repair) a log directory. Raises :class:`EdgetuneError` if it is not one."""
+    def open(cls, path: str | Path, create: bool = False, *, writer: bool | None = None) -> "TuningLog":
+        """Open a log directory. Raises :class:`EdgetuneError` if it is not one, or if it is to be written
+        and another process writes it.
+
+        ``writer`` (default: ``create``) opens it for writing: the folder is locked against other writers
+        until :meth:`close` or the end of the process, and lines cut short by a crash are repaired. A reader
+        writes nothing (a torn last line is ignored in memory).
+        """
         path = Path(path)
+        writer = create if writer is None else writer
         if not path.exists():
             if not create:
                 raise EdgetuneError(f"tuning log {path} does not exist: run `edgetune tune ... --log {path}` first")
@@ -127,22 +234,43 @@ class TuningLog:
                 raise EdgetuneError(f"cannot create the tuning log folder {path} ({err.strerror}): choose another --log") from None
         elif not path.is_dir():
             raise EdgetuneError(f"--log {path} is a file, not a folder: give a folder for the tuning log")
-        log = cls(path)
-        session_path = path / SESSION_FILE
-        if session_path.exists():
-            try:
-                log.session = json.loads(session_path.read_text())
-            except ValueError:
-                raise EdgetuneError(f"{session_path} is damaged (not JSON): restore it or start a new --log folder") from None
-            if log.session.get("format") != FORMAT:
-                raise EdgetuneError(f"{session_path} has format {log.session.get('format')!r}; this edgetune reads {FORMAT}")
-        elif not create and not log.record_file.exists():
-            raise EdgetuneError(f"{path} holds no tuning log (no {RECORD_FILE}): check the path")
-        for file in (log.workload_file, log.record_file, log.history_file):
-            repair_jsonl(file)
+        log = cls(path, writer=writer)
+        if writer:
+            log._lock = _WriterLock.take(path)
+        try:
+            log.session = _read_session(path / SESSION_FILE)
+            if log.session is None:
+                log.session = {}
+                if not create and not log.record_file.exists():
+                    raise EdgetuneError(f"{path} holds no tuning log (no {RECORD_FILE}): check the path")
+            elif log.session.get("format") != FORMAT:
+                raise EdgetuneError(f"{path / SESSION_FILE} has format {log.session.get('format')!r}; this "
+                                    f"edgetune reads {FORMAT}: use the edgetune that wrote it, or another --log")
+            if writer:  # only the writer may rewrite a file: no one else appends to it now
+                for file in (log.workload_file, log.record_file, log.history_file):
+                    repair_jsonl(file)
+        except BaseException:
+            log.close()
+            raise
         return log
 
+    def close(self) -> None:
+        """Stop writing: another process may open the log for writing once no writer of this process
+        holds it. (The end of the process, or of this object, does the same.)"""
+        self._lock = None
+
+    def __enter__(self) -> "TuningLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_writer(self, what: str) -> None:
+        if not self.writer or self._lock is None:
+            raise RuntimeError(f"{what}: the tuning log {self.path} is not open for writing")
+
     def save_session(self) -> None:
+        self._check_writer("save_session")
         self.session["format"] = FORMAT
         write_json_atomic(self.path / SESSION_FILE, self.session)
 
@@ -169,24 +297,73 @@ class TuningLog:
                 f"sha256 {old_model[:12]}...): use another --log folder"
             )
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Path]:
+        """A private folder holding the complete lines of this log's MetaSchedule database (and a copy of
+        its ``session.json``), for code that reads a stock database folder. Nothing in the log is written;
+        the folder is removed on exit.
+
+        The record table is read before the workload table: a record is committed after its workload, so
+        every record of the copy finds its workload.
+        """
+        records = complete_lines(self.record_file)
+        workloads = complete_lines(self.workload_file)
+        folder = Path(tempfile.mkdtemp(prefix="edgetune-log-"))
+        try:
+            (folder / WORKLOAD_FILE).write_bytes(b"".join(line + b"\n" for line in workloads))
+            (folder / RECORD_FILE).write_bytes(b"".join(line + b"\n" for line in records))
+            if self.session:
+                (folder / SESSION_FILE).write_text(json.dumps(self.session))
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def database(self):
-        """MetaSchedule's JSONDatabase on this folder (the stock format)."""
+        """MetaSchedule's JSONDatabase on this folder (the stock format).
+
+        The writer's commits go to the log's files; a reader's database is loaded from a :meth:`snapshot`
+        (read-only in effect: a commit to it is lost), so that reading neither trips on a record being
+        appended nor creates or changes a file.
+        """
         from tvm.s_tir.meta_schedule.database import JSONDatabase
 
-        return JSONDatabase(str(self.workload_file), str(self.record_file), allow_missing=True)
+        if self.writer:
+            self._check_writer("database")
+            return JSONDatabase(str(self.workload_file), str(self.record_file), allow_missing=True)
+        with self.snapshot() as folder:  # JSONDatabase reads both tables when it is made
+            return JSONDatabase(str(folder / WORKLOAD_FILE), str(folder / RECORD_FILE), allow_missing=False)
 
     def record_count(self) -> int:
-        if not self.record_file.exists():
-            return 0
-        with open(self.record_file, "rb") as stream:
-            return sum(1 for line in stream if line.strip())
+        """Complete records (a record being appended is not counted yet)."""
+        return len(complete_lines(self.record_file))
 
     def history(self) -> list[dict[str, Any]]:
         return read_jsonl(self.history_file)
 
     def append_history(self, entries: list[dict[str, Any]]) -> None:
+        self._check_writer("append_history")
         with open(self.history_file, "a") as stream:
             for entry in entries:
                 stream.write(json.dumps(entry, sort_keys=True) + "\n")
             stream.flush()
             os.fsync(stream.fileno())
+
+
+def _read_session(path: Path) -> dict[str, Any] | None:
+    """``session.json`` as a dict, ``None`` when there is none. Raises :class:`EdgetuneError` (one line)
+    when it cannot be read or is not a JSON object."""
+    what_to_do = "restore it or start a new --log folder"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise EdgetuneError(f"cannot read {path} ({err.strerror}): {what_to_do}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError too
+        raise EdgetuneError(f"{path} is damaged (not JSON): {what_to_do}") from None
+    if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(type(data), "a number")
+        raise EdgetuneError(f"{path} is damaged (not a JSON object but {kind}): {what_to_do}")
+    return data
