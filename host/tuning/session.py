@@ -487,6 +487,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
         session.update(trials_done=trials_done, status=status, elapsed_s=round(progress.elapsed(), 3),
                        measured_by=_merge_counts(session.get("measured_by", {}), runner.measured_by))
         log.save_session()
+        log.close()  # the writer's lock goes with the session, not with this process
     if status == "completed" and trials_done < options.trials:
         message = (f"search ended after {trials_done} of {options.trials} trials "
                    + ("(early stopping)" if options.early_stopping else "(the search space is exhausted)"))
