@@ -7,17 +7,23 @@ Each can be overridden by an environment variable of the same name prefixed with
 
 from __future__ import annotations
 
+import math
 import os
 
 
 def _seconds(name: str, default: float) -> float:
+    """``EDGETUNE_<name>``, else ``default``. Raises ValueError unless it is a finite number of seconds
+    above 0: ``inf`` or ``nan`` would reach a socket or process wait and raise there, in the serve loop."""
     raw = os.environ.get("EDGETUNE_" + name)
     if raw is None:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise ValueError(f"EDGETUNE_{name}={raw!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"EDGETUNE_{name}={raw!r} must be a finite number of seconds above 0")
+    return value
 
 
 # How often the agent pings the tracker while idle. TVM's own server uses 2 s; a restarted tracker
@@ -31,10 +37,17 @@ TRACKER_IO_SEC = _seconds("TRACKER_IO_SEC", 10.0)
 # A tracker hands out a board's match key to a client; if the client never connects, the key is
 # regenerated after this long (TVM's server uses 4 s + one ping period).
 UNMATCHED_KEY_SEC = _seconds("UNMATCHED_KEY_SEC", 6.0)
-# How long a fresh connection may take to send its RPC handshake before it is dropped.
+# How long a fresh connection may take to send its whole RPC handshake (one deadline from accept to
+# the last byte, not one per read) before it is dropped. A genuine client sends the handshake at once
+# (a few dozen bytes); 10 s covers a congested LAN, and a client trickling bytes holds a handshake
+# slot no longer than this.
 HANDSHAKE_SEC = _seconds("HANDSHAKE_SEC", 10.0)
-# Upper bound of one RPC session when the client asked for none (a client always should).
+# Upper bound of one RPC session, also when the client asked for none or for more (a longer or
+# infinite ``-timeout`` is clamped to this).
 MAX_SESSION_SEC = _seconds("MAX_SESSION_SEC", 600.0)
+# Pause after accept() failed for lack of resources (file descriptors, memory), so the serve loop
+# retries instead of spinning on a listen socket that stays readable.
+ACCEPT_RETRY_SEC = _seconds("ACCEPT_RETRY_SEC", 0.5)
 # How often "waiting for a tracker on mDNS" is repeated to the user while none is found.
 MDNS_WAIT_REPORT_SEC = _seconds("MDNS_WAIT_REPORT_SEC", 10.0)
 # Grace period for RPC session processes to exit on SIGTERM before they are killed.
@@ -109,3 +122,14 @@ MAX_SIGNATURE_BYTES = _limit("MAX_SIGNATURE_BYTES", 4 << 10)
 # Nesting of any JSON the store parses (manifest, signature, install record). A manifest is 4 levels
 # deep; Python's parser recurses per level and raises RecursionError near 1,000.
 MAX_JSON_DEPTH = _limit("MAX_JSON_DEPTH", 32)
+
+
+# --- limits on the RPC port ---------------------------------------------------------------------------
+# How many connections may be mid-handshake at once; more are closed as soon as they are accepted.
+# The tracker hands a board's key to one client at a time, so a few slots cover a genuine client next
+# to stray or slow connections, while a flood of slow connections costs the board at most this many
+# sockets, each for at most HANDSHAKE_SEC.
+MAX_PENDING_HANDSHAKES = _limit("MAX_PENDING_HANDSHAKES", 8)
+# The key words of one handshake, in bytes. A genuine client sends "client:" + match key + " -timeout=S",
+# well under 100 bytes; 4095 (the bound the agent always had) caps what one connection makes it buffer.
+MAX_HANDSHAKE_KEY_BYTES = _limit("MAX_HANDSHAKE_KEY_BYTES", 4095)

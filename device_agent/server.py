@@ -6,14 +6,22 @@ when killed. This loop keeps TVM's wire protocol and its session process (``tvm.
 one forked process per session, as TVM does) and adds what a board on a LAN needs: it reconnects to
 the tracker forever (also when the tracker moves, if it was found by mDNS), puts a deadline on every
 socket wait, and stops its session process with it.
+
+Nothing a client sends can stop the board: handshakes are read without blocking, several at once, each
+under one deadline for the whole handshake (a client trickling bytes cannot hold the accept loop), their
+options are parsed strictly, and an unexpected error while handling one connection is logged and the
+loop serves on. Sessions stay one at a time: a board measures one candidate at a time.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
-import select
+import re
+import selectors
+import signal
 import socket
 import struct
 import threading
@@ -40,6 +48,107 @@ class ServerStats:
     registrations: int = 0
     last_registered: float | None = None  # time.monotonic() of the last successful registration
     history: list[str] = field(default_factory=list)
+
+
+class HandshakeRefused(AgentError):
+    """A client's handshake the board does not accept; the message says why. It is logged and the
+    connection closed: it never leaves :meth:`RPCAgentServer.serve_forever`."""
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What a client's handshake asked for, checked: the session's time limit in seconds, finite and in
+    (0, ``config.MAX_SESSION_SEC``]."""
+
+    timeout: float
+
+
+# A decimal number as TVM's client writes one (``f"{session_timeout}"``): no inf, nan, hex or "1_000".
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_TIMEOUT_OPTION = b"-timeout="
+
+
+def parse_session_options(words: list[bytes], max_session: float) -> SessionOptions:
+    """The options after the key in a client's handshake (TVM's client sends ``-timeout=S``).
+
+    A timeout must be a decimal number of seconds above 0; one above ``max_session`` (``1e400``
+    included) is clamped to it, and none means ``max_session``. Other options are ignored, as TVM's
+    server does. Raises :class:`HandshakeRefused` for a timeout that is not a positive number.
+    """
+    timeout = max_session
+    for word in words:
+        if not word.startswith(_TIMEOUT_OPTION):
+            continue
+        raw = word[len(_TIMEOUT_OPTION):]
+        text = raw.decode("ascii", errors="replace")
+        if not _DECIMAL.fullmatch(text):
+            raise HandshakeRefused(f"session timeout {text[:40]!r} is not a number of seconds")
+        seconds = float(text)  # finite or inf (1e400); never nan
+        if not seconds > 0:
+            raise HandshakeRefused(f"session timeout {text[:40]!r} is not above 0 s")
+        timeout = min(seconds, max_session)
+    return SessionOptions(timeout=timeout)
+
+
+class PendingHandshake:
+    """A connection whose handshake (``[RPC_MAGIC, keylen, key words]``) is being read without blocking,
+    under one deadline (a ``time.monotonic()`` value) for all of it."""
+
+    def __init__(self, conn: socket.socket, addr: tuple, deadline: float, magic: int) -> None:
+        self.conn = conn
+        self.addr = addr
+        self.deadline = deadline
+        self._magic = magic
+        self._data = bytearray()
+
+    def missing(self) -> int:
+        """Bytes still to read before the handshake is complete (0: complete).
+
+        Raises :class:`HandshakeRefused` as soon as what arrived cannot be a handshake.
+        """
+        have = len(self._data)
+        if have < 4:
+            return 4 - have
+        if struct.unpack_from("<i", self._data)[0] != self._magic:
+            raise HandshakeRefused("not a TVM RPC client (wrong magic)")
+        if have < 8:
+            return 8 - have
+        keylen = struct.unpack_from("<i", self._data, 4)[0]
+        if not 0 < keylen <= config.MAX_HANDSHAKE_KEY_BYTES:
+            raise HandshakeRefused(f"a key of {keylen} bytes")
+        return 8 + keylen - have
+
+    def read(self) -> bool:
+        """Read what the socket has (never more than the handshake); True once it is complete.
+
+        Raises :class:`HandshakeRefused` on a wrong handshake or a closed connection, OSError on socket errors.
+        """
+        try:
+            chunk = self.conn.recv(self.missing())
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not chunk:
+            raise HandshakeRefused("closed before the handshake was complete")
+        self._data += chunk
+        return self.missing() == 0
+
+    def key_words(self) -> list[bytes]:
+        """The words of the complete handshake's key: ``client:<key>`` and the options."""
+        return bytes(self._data[8:]).split()
+
+
+def _session_process(conn: socket.socket, work) -> None:
+    """The body of a session process: TVM's serve loop on ``conn``, uploads in ``work``.
+
+    The process is forked from the agent and would inherit its SIGTERM/SIGINT handlers, which run the
+    agent's shutdown: inside a session being stopped that printed "stopping" and a traceback. A session
+    process just ends on these signals.
+    """
+    from tvm.rpc.server import _serve_loop
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _serve_loop(conn, None, work)
 
 
 def bind_listen_socket(host: str, port: int | None) -> socket.socket:
@@ -101,6 +210,9 @@ class RPCAgentServer:
         self._unmatched_since: float | None = None
         self._session_proc: multiprocessing.Process | None = None
         self._last_wait_report = 0.0
+        self._next_ping = 0.0  # time.monotonic() of the next tracker ping
+        self._selector: selectors.BaseSelector | None = None
+        self._pending: dict[socket.socket, PendingHandshake] = {}
         self.stats = ServerStats()
 
     # -- tracker -------------------------------------------------------------------------------
@@ -141,6 +253,9 @@ class RPCAgentServer:
         try:
             conn = socket.create_connection(addr, timeout=config.TRACKER_IO_SEC)
             conn.settimeout(config.TRACKER_IO_SEC)
+            # Each request is written in two parts (length, JSON): without this, Nagle holds the second
+            # until the tracker ACKs the first (~40 ms of delayed ACK), on every re-offer after a session.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sendall(struct.pack("<i", self._base.RPC_TRACKER_MAGIC))
             magic = struct.unpack("<i", self._base.recvall(conn, 4))[0]
             if magic != self._base.RPC_TRACKER_MAGIC:
@@ -159,6 +274,7 @@ class RPCAgentServer:
                 self._last_wait_report = now
             return False
         self._tracker_addr = addr
+        self._next_ping = time.monotonic() + config.TRACKER_PING_SEC
         self.stats.registrations += 1
         self.stats.last_registered = time.monotonic()
         self._last_wait_report = 0.0
@@ -179,51 +295,128 @@ class RPCAgentServer:
         # mDNS again, so a tracker restarted elsewhere is found (and other trackers on the LAN never
         # pull a working board away).
 
-    # -- sessions ------------------------------------------------------------------------------
-    def _handshake(self, conn: socket.socket) -> dict | None:
-        """Read the client's handshake (with a deadline); the session options, or None to drop it."""
-        base = self._base
-        conn.settimeout(config.HANDSHAKE_SEC)
-        try:
-            magic = struct.unpack("<i", base.recvall(conn, 4))[0]
-            if magic != base.RPC_MAGIC:
-                return None
-            keylen = struct.unpack("<i", base.recvall(conn, 4))[0]
-            if not 0 < keylen < 4096:
-                return None
-            words = base.recvall(conn, keylen).decode("utf-8").split()
-            expected = "client:" + (self._matchkey if self._tracker_conn is not None else self.key)
-            if not words or words[0] != expected:
-                conn.sendall(struct.pack("<i", base.RPC_CODE_MISMATCH))
-                return None
-            server_key = "server:" + self.key
-            conn.sendall(struct.pack("<i", base.RPC_CODE_SUCCESS))
-            conn.sendall(struct.pack("<i", len(server_key)))
-            conn.sendall(server_key.encode("utf-8"))
-        except (OSError, struct.error, UnicodeDecodeError):
-            return None
-        conn.settimeout(None)
-        opts: dict = {}
-        for word in words[1:]:
-            if word.startswith("-timeout="):
-                try:
-                    opts["timeout"] = float(word[len("-timeout="):])
-                except ValueError:
-                    pass
-        return opts
+    def _reoffer(self) -> None:
+        """Offer the board under a new match key once the old one was used (TVM's server re-PUTs too)."""
+        if self._tracker_conn is not None:
+            try:
+                self._put()
+            except (OSError, ValueError, struct.error):
+                self._close_tracker()
 
-    def _serve_session(self, conn: socket.socket, addr: tuple, opts: dict) -> None:
+    # -- handshakes ----------------------------------------------------------------------------
+    def _accept(self) -> None:
+        """Accept one connection and start reading its handshake; close it at once when
+        ``config.MAX_PENDING_HANDSHAKES`` are already being read."""
+        assert self._selector is not None
+        try:
+            conn, addr = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            logger.warning("accepting an RPC connection failed: %s", err)
+            if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._stop.wait(config.ACCEPT_RETRY_SEC)
+            return
+        if len(self._pending) >= config.MAX_PENDING_HANDSHAKES:
+            conn.close()
+            logger.warning("closed a connection from %s:%s at once: %d handshakes are being read already",
+                           addr[0], addr[1], len(self._pending))
+            return
+        conn.setblocking(False)
+        pending = PendingHandshake(conn, addr, time.monotonic() + config.HANDSHAKE_SEC, self._base.RPC_MAGIC)
+        self._pending[conn] = pending
+        self._selector.register(conn, selectors.EVENT_READ, pending)
+
+    def _forget(self, pending: PendingHandshake) -> None:
+        """Stop reading ``pending`` (its socket stays open)."""
+        self._pending.pop(pending.conn, None)
+        if self._selector is not None:
+            try:
+                self._selector.unregister(pending.conn)
+            except (KeyError, ValueError):
+                pass
+
+    def _drop(self, pending: PendingHandshake, reason: str) -> None:
+        self._forget(pending)
+        pending.conn.close()
+        logger.warning("dropped a connection from %s:%s: %s", pending.addr[0], pending.addr[1], reason)
+
+    def _read_handshake(self, pending: PendingHandshake) -> bool:
+        """Read what arrived for ``pending``; True when its handshake is complete (it is then no longer
+        pending), False while it is not (or when it was dropped)."""
+        try:
+            complete = pending.read()
+        except HandshakeRefused as err:
+            self._drop(pending, str(err))
+            return False
+        except OSError as err:
+            self._drop(pending, f"socket error ({err})")
+            return False
+        if complete:
+            self._forget(pending)
+        return complete
+
+    def _expire_handshakes(self) -> None:
+        now = time.monotonic()
+        for pending in [p for p in self._pending.values() if now >= p.deadline]:
+            self._drop(pending, f"no complete handshake within {config.HANDSHAKE_SEC:g} s")
+
+    def _drop_all_handshakes(self) -> None:
+        for pending in list(self._pending.values()):
+            self._forget(pending)
+            pending.conn.close()
+
+    # -- sessions ------------------------------------------------------------------------------
+    def _answer(self, conn: socket.socket, addr: tuple, words: list[bytes]) -> None:
+        """Check a complete handshake's key and options, answer it, and serve the session it opens."""
+        base = self._base
+        conn.settimeout(config.HANDSHAKE_SEC)  # the answer is a few bytes: the send buffer takes them
+        expected = ("client:" + (self._matchkey if self._tracker_conn is not None else self.key)).encode()
+        if not words or words[0] != expected:
+            self._refuse(conn, addr, "a wrong key")
+            return
+        # The key was right, so it is used up whatever happens next: offer the board again afterwards.
+        try:
+            options = parse_session_options(words[1:], config.MAX_SESSION_SEC)
+        except HandshakeRefused as err:
+            self._refuse(conn, addr, str(err))
+            self._reoffer()
+            return
+        server_key = ("server:" + self.key).encode("utf-8")
+        try:
+            conn.sendall(struct.pack("<ii", base.RPC_CODE_SUCCESS, len(server_key)) + server_key)
+        except OSError as err:
+            conn.close()
+            logger.warning("lost the connection from %s:%s while answering its handshake: %s", addr[0], addr[1], err)
+            self._reoffer()
+            return
+        conn.settimeout(None)  # the session process reads and writes the socket blocking
+        try:
+            self._serve_session(conn, addr, options)
+        finally:
+            self._reoffer()
+
+    def _refuse(self, conn: socket.socket, addr: tuple, reason: str) -> None:
+        """Answer "no" (TVM's client then reports that no server matches its key) and close."""
+        try:
+            conn.sendall(struct.pack("<i", self._base.RPC_CODE_MISMATCH))
+        except OSError:
+            pass
+        conn.close()
+        logger.warning("refused a connection from %s:%s: %s", addr[0], addr[1], reason)
+
+    def _serve_session(self, conn: socket.socket, addr: tuple, options: SessionOptions) -> None:
         from tvm.rpc import _ffi_api
-        from tvm.rpc.server import _serve_loop
         from tvm.support import utils
 
-        timeout = opts.get("timeout") or config.MAX_SESSION_SEC
-        work = utils.tempdir()
+        timeout = options.timeout
         old_cwd = os.getcwd()
-        os.chdir(work.path)  # each session's uploads land in their own folder, like TVM's server
         started = time.monotonic()
+        work = None
         try:
-            proc = multiprocessing.Process(target=_serve_loop, args=(conn, None, work), daemon=True)
+            work = utils.tempdir()
+            os.chdir(work.path)  # each session's uploads land in their own folder, like TVM's server
+            proc = multiprocessing.Process(target=_session_process, args=(conn, work), daemon=True)
             self._session_proc = proc
             proc.start()
             proc.join(timeout)
@@ -243,9 +436,10 @@ class RPCAgentServer:
                 outcome = "ok"
         finally:
             self._session_proc = None
-            os.chdir(old_cwd)
-            work.remove()
             conn.close()
+            os.chdir(old_cwd)
+            if work is not None:
+                work.remove()
         self.stats.sessions += 1
         self._on_event(
             f"session {self.stats.sessions} from {addr[0]}:{addr[1]} finished in "
@@ -275,41 +469,65 @@ class RPCAgentServer:
 
     # -- main loop -----------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        """Serve until :meth:`stop`. Never returns on tracker trouble: it reconnects."""
+        """Serve until :meth:`stop`. Never returns on tracker trouble (it reconnects) nor on anything a
+        client sends (an unexpected error while handling a connection is logged, and it serves on)."""
+        self.sock.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.sock, selectors.EVENT_READ)
         try:
             while not self._stop.is_set():
-                if self._tracker is not None and self._tracker_conn is None:
-                    if not self._connect_tracker():
-                        self._stop.wait(config.TRACKER_RETRY_SEC)
-                        continue
-                ready, _, _ = select.select([self.sock], [], [], config.TRACKER_PING_SEC)
-                if self._stop.is_set():
-                    break
-                if not ready:
-                    if self._tracker_conn is not None:
-                        try:
-                            self._ping_tracker()
-                        except (OSError, ValueError, struct.error) as err:
-                            self._on_event(f"lost the tracker ({err or 'connection closed'}); reconnecting")
-                            self._close_tracker()
-                    continue
-                conn, addr = self.sock.accept()
-                opts = self._handshake(conn)
-                if opts is None:
-                    conn.close()
-                    logger.warning("dropped a connection from %s:%s with a wrong handshake or key", *addr[:2])
-                    continue
-                self._serve_session(conn, addr, opts)
-                # After a session the tracker expects a new offer (TVM's server re-PUTs too).
-                if self._tracker_conn is not None:
-                    try:
-                        self._put()
-                    except (OSError, ValueError, struct.error):
-                        self._close_tracker()
+                try:
+                    self._serve_step()
+                except Exception:  # noqa: BLE001 - the last resort: one bad connection never stops the board
+                    logger.exception("unexpected error in the RPC server loop; serving on")
+                    self._on_event("unexpected error in the RPC server (logged); serving on")
+                    self._stop.wait(config.ACCEPT_RETRY_SEC)
         finally:
+            self._drop_all_handshakes()
+            self._selector.close()
+            self._selector = None
             self._kill_session()
             self._close_tracker()
             self.sock.close()
+
+    def _serve_step(self) -> None:
+        """One turn of the loop: (re)connect the tracker, read what arrived, answer complete handshakes
+        (serving their sessions one at a time), drop expired ones, ping the tracker when due."""
+        assert self._selector is not None
+        if self._tracker is not None and self._tracker_conn is None:
+            if not self._connect_tracker():
+                self._expire_handshakes()
+                self._stop.wait(config.TRACKER_RETRY_SEC)
+                return
+        now = time.monotonic()
+        wake = now + config.TRACKER_PING_SEC if self._tracker_conn is None else self._next_ping
+        wake = min([wake, *(p.deadline for p in self._pending.values())])
+        events = self._selector.select(max(wake - now, 0.0))
+        if self._stop.is_set():
+            return
+        complete: list[PendingHandshake] = []
+        for key, _mask in events:
+            if key.fileobj is self.sock:
+                self._accept()
+            elif key.data.conn in self._pending and self._read_handshake(key.data):
+                complete.append(key.data)
+        # Read before expiring: a handshake whose bytes arrived during a long session still counts.
+        self._expire_handshakes()
+        for pending in complete:
+            try:
+                self._answer(pending.conn, pending.addr, pending.key_words())
+            except Exception:  # noqa: BLE001 - whatever one client sent, the board serves the next
+                logger.exception("unexpected error serving %s:%s; serving on", pending.addr[0], pending.addr[1])
+                self._on_event(f"unexpected error serving {pending.addr[0]}:{pending.addr[1]} (logged); serving on")
+            finally:
+                pending.conn.close()
+        if self._tracker_conn is not None and time.monotonic() >= self._next_ping:
+            self._next_ping = time.monotonic() + config.TRACKER_PING_SEC
+            try:
+                self._ping_tracker()
+            except (OSError, ValueError, struct.error) as err:
+                self._on_event(f"lost the tracker ({err or 'connection closed'}); reconnecting")
+                self._close_tracker()
 
     def stop(self) -> None:
         self._stop.set()
