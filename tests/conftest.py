@@ -12,7 +12,11 @@ os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
 os.environ.pop("EDGETUNE_TRACKER", None)
 
 SHARED_MODELS = Path(__file__).resolve().parent.parent.parent / "shared" / "models"
-HOST_TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2}
+# The target this machine's own probe proposes: a fixed CPU (it was znver4) runs candidates with
+# instructions that another CI machine (znver3, no AVX-512) does not have.
+from device_agent.probe import read_profile  # noqa: E402
+
+HOST_TARGET = read_profile().target
 
 
 @pytest.fixture
