@@ -21,6 +21,18 @@ NO_BOARD_DEADLINE_SEC = _seconds("NO_BOARD_DEADLINE_SEC", 120.0)
 # Upper bound on one measurement session on a board (connect, upload, load, time, clean up). This is
 # also the board's kill timer for that session, so a candidate that hangs the board is cut off.
 MEASURE_SESSION_SEC = _seconds("MEASURE_SESSION_SEC", 60.0)
+# TCP connect to a board's RPC port. A board on the LAN accepts in milliseconds; one that is off or
+# unplugged sends no refusal, so without this deadline the connect waits for the kernel (minutes).
+BOARD_CONNECT_SEC = _seconds("BOARD_CONNECT_SEC", 10.0)
+# The RPC handshake with a board (its answer and the session's first round trip, served by the session
+# process the board forks). A live agent on this workstation answers in milliseconds; a frozen board's
+# kernel still accepts the connection, and then nothing ever answers. Raise it for very slow boards.
+BOARD_HANDSHAKE_SEC = _seconds("BOARD_HANDSHAKE_SEC", 10.0)
+# A board ends every session at its session timeout (MEASURE_SESSION_SEC, BENCH_SESSION_SEC) and says so
+# at once. One that has not answered by the session timeout plus this grace (the board stopping its
+# session process, the answer crossing the LAN) stopped answering without closing the connection
+# (power cut, cable pulled, kernel hang): the session fails and the board is not waited for again.
+BOARD_ANSWER_GRACE_SEC = _seconds("BOARD_ANSWER_GRACE_SEC", 10.0)
 # Building one candidate in a warm worker takes 0.1-6 s; the first build of a fresh worker imports
 # TVM's tensor intrinsics (~25 s on 2 cores), which happens once per worker at pool start.
 BUILD_CANDIDATE_SEC = _seconds("BUILD_CANDIDATE_SEC", 120.0)
@@ -31,6 +43,9 @@ SSH_CONNECT_SEC = _seconds("SSH_CONNECT_SEC", 15.0)
 # Running `edgetune-agent install` on a board (verify, self-check, latency check). Emulated boards
 # are slow to import TVM, so this is generous.
 SSH_INSTALL_SEC = _seconds("SSH_INSTALL_SEC", 600.0)
+# After Ctrl-C during a flash, how long boards mid-step get to notice their closed SSH connection and
+# report; then every board is reported anyway (pending ones were never started).
+FLASH_CANCEL_SEC = _seconds("FLASH_CANCEL_SEC", 5.0)
 # One benchmark session on a board (upload + load + timed runs).
 BENCH_SESSION_SEC = _seconds("BENCH_SESSION_SEC", 300.0)
 # Waiting for processes the demo started to register / exit.

@@ -7,7 +7,8 @@ import click
 from .. import config
 from ..cliutil import emit, json_option, table
 from ..errors import EdgetuneError
-from .ssh import DEFAULT_AGENT_COMMAND, DEFAULT_KNOWN_HOSTS, DEFAULT_REMOTE_DIR, FlashResult, FlashTarget, flash as run_flash
+from .ssh import (DEFAULT_AGENT_COMMAND, DEFAULT_KNOWN_HOSTS, DEFAULT_REMOTE_DIR, FlashInterrupted, FlashResult,
+                  FlashTarget, flash as run_flash)
 
 
 def _parse_host(value: str, default_port: int) -> tuple[str, int]:
@@ -121,8 +122,13 @@ def flash(pkg: str, hosts: tuple[str, ...], device: str | None, key: str | None,
         if not as_json:
             click.echo(f"{board}: {message}", err=True)
 
-    results = run_flash(pkg, targets, known_hosts=known_hosts, trust_new_host=trust_new_host,
-                        agent_command=agent_command, store=store, remote_dir=remote_dir, on_progress=on_progress)
+    try:
+        results = run_flash(pkg, targets, known_hosts=known_hosts, trust_new_host=trust_new_host,
+                            agent_command=agent_command, store=store, remote_dir=remote_dir, on_progress=on_progress)
+    except FlashInterrupted as stop:
+        # Every board's outcome first (flashed, or what the interrupt left it in), then exit 130.
+        emit(stop.results, as_json, _render)
+        raise
     emit(results, as_json, _render)
     failed = [r.name for r in results if not r.ok]
     if failed:

@@ -3,6 +3,12 @@
 Host keys are checked against a known_hosts file; an unknown host is refused unless the caller asks
 to trust new hosts (the key is then recorded in that file), and a changed host key is always
 refused. Each board is flashed in its own thread; one board's failure never stops the others.
+
+Every wait on a board has a deadline: paramiko's own for connecting and for each upload step, and
+``SSH_INSTALL_SEC`` for the whole install command, whose output is read up to ``MAX_OUTPUT_BYTES``.
+The calling thread watches the boards: it cuts the connection of a board past its deadline (paramiko
+waits for some answers without one), and on Ctrl-C it cuts every board's connection at once, leaves
+pending boards unstarted and raises :class:`FlashInterrupted` with every board's outcome.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import shlex
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +42,16 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 MAX_PARALLEL = 16
 # How often the command's output is polled while it runs.
 _POLL_SEC = 0.05
+# The agent's install answer is one JSON object of a few KiB. A command that prints more than this is
+# not giving that answer (a wrong --agent-command, a loop) and is stopped rather than read to the end.
+MAX_OUTPUT_BYTES = 1 << 20
+# One read of the command's output, in bytes.
+_CHUNK = 65536
+# How often the calling thread looks at the boards' deadlines (and can take Ctrl-C).
+_WATCH_SEC = 0.2
+# The install command's own loop ends it at its deadline; the watch cuts the connection this much later,
+# for the SSH calls that wait for an answer without a deadline (paramiko's exec_command).
+_WATCH_GRACE_SEC = 1.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,74 @@ class FlashResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     install: dict[str, Any] | None = None
+
+
+class FlashInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`flash`. ``results`` has every board's outcome, in order: boards that were
+    flashed before it, and the others failed with what the interrupt left them in."""
+
+    def __init__(self, results: list[FlashResult]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
+class _Watch:
+    """One board as the calling thread sees it: its step, that step's deadline, and its SSH connection,
+    which :meth:`cut` closes so that every SSH call blocked on that board returns at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._client: paramiko.SSHClient | None = None
+        self.step = "waiting"
+        self._deadline: float | None = None
+        self._deadline_reason = ""
+        self.stop_reason: str | None = None
+
+    def enter(self, step: str, deadline: float | None = None, reason: str = "") -> None:
+        with self._lock:
+            self.step, self._deadline, self._deadline_reason = step, deadline, reason
+
+    def attach(self, client: paramiko.SSHClient) -> None:
+        with self._lock:
+            self._client = client
+            cut = self.stop_reason is not None
+        if cut:
+            _close_transport(client)
+
+    def check(self, now: float) -> None:
+        """Cut the connection if the current step is past its deadline."""
+        with self._lock:
+            late = self._deadline is not None and now > self._deadline + _WATCH_GRACE_SEC
+            reason = self._deadline_reason
+        if late:
+            self.cut(reason)
+
+    def cut(self, reason: str) -> None:
+        with self._lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            client = self._client
+        if client is not None:
+            _close_transport(client)
+
+    def interrupted(self) -> str:
+        """What Ctrl-C leaves the board in, for its result."""
+        step = self.step
+        if step == "waiting":
+            return "not flashed: interrupted (Ctrl-C) before it started; flash it again"
+        if step in ("installing", "cleaning up"):
+            return ("interrupted (Ctrl-C) while installing: the board switches packages atomically, so it runs "
+                    "the new package or its previous one; check with `edgetune-agent status` there, or flash again")
+        return f"interrupted (Ctrl-C) while {step}: the board still runs its previous package; flash it again"
+
+
+def _close_transport(client: paramiko.SSHClient) -> None:
+    transport = client.get_transport()
+    if transport is not None:
+        try:
+            transport.close()
+        except Exception:  # noqa: BLE001 - closing a connection that is breaking anyway
+            logger.debug("closing an SSH connection failed", exc_info=True)
 
 
 class _KnownHosts:
@@ -120,10 +203,12 @@ class _Options:
     store: str | None
     remote_dir: str
     progress: Callable[[str, str], None]
+    cancel: threading.Event
 
 
-def _connect(target: FlashTarget, opts: _Options, notes: list[str]) -> paramiko.SSHClient:
+def _connect(target: FlashTarget, opts: _Options, notes: list[str], watch: _Watch) -> paramiko.SSHClient:
     client = paramiko.SSHClient()
+    watch.attach(client)
     try:
         if opts.known.path.is_file():
             client.load_host_keys(str(opts.known.path))
@@ -181,36 +266,51 @@ def _reason(err: Exception) -> str:
     return str(err) or type(err).__name__
 
 
-def _run(client: paramiko.SSHClient, command: str, timeout: float) -> tuple[int, str, str]:
-    """Run ``command`` on the board; ``(exit status, stdout, stderr)``. Raises :class:`EdgetuneError` at the deadline."""
+def _run(client: paramiko.SSHClient, command: str, timeout: float, watch: _Watch) -> tuple[int, str, str]:
+    """Run ``command`` on the board; ``(exit status, stdout, stderr)``.
+
+    ``timeout`` (seconds) bounds the whole command, and at most ``MAX_OUTPUT_BYTES`` of its output are
+    read. Raises :class:`EdgetuneError` at the deadline or the cap (the command's channel is closed).
+    """
     transport = client.get_transport()
     if transport is None:
         raise EdgetuneError("the SSH connection dropped: flash again")
     chan = transport.open_session(timeout=config.SSH_CONNECT_SEC)
     out, err = bytearray(), bytearray()
     deadline = time.monotonic() + timeout
+    too_slow = (f"`{command}` did not finish within {timeout:g} s on the board: check it with "
+                "`edgetune-agent status` there (raise EDGETUNE_SSH_INSTALL_SEC for slow boards)")
+    watch.enter("installing", deadline, too_slow)
     try:
-        chan.exec_command(command)
+        chan.exec_command(command)  # waits for the board without a deadline of its own: the watch has one
         while True:
             busy = False
             while chan.recv_ready():
-                out += chan.recv(65536)
+                out += chan.recv(_CHUNK)
                 busy = True
+                _check_output_size(command, out, err)
             while chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
+                err += chan.recv_stderr(_CHUNK)
                 busy = True
+                _check_output_size(command, out, err)
             if chan.exit_status_ready() and (chan.eof_received or chan.closed) and not busy:
                 break
             if time.monotonic() > deadline:
-                raise EdgetuneError(
-                    f"`{command}` did not finish within {timeout:g} s on the board: check it with "
-                    "`edgetune-agent status` there (raise EDGETUNE_SSH_INSTALL_SEC for slow boards)"
-                )
+                raise EdgetuneError(too_slow)
             if not busy:
                 time.sleep(_POLL_SEC)
         return chan.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace")
     finally:
+        watch.enter("cleaning up")
         chan.close()
+
+
+def _check_output_size(command: str, out: bytearray, err: bytearray) -> None:
+    if len(out) + len(err) > MAX_OUTPUT_BYTES:
+        raise EdgetuneError(
+            f"`{command}` printed more than {MAX_OUTPUT_BYTES // 1024} KiB on the board, which is no install "
+            "answer; stopped it: check --agent-command runs `edgetune-agent` there"
+        )
 
 
 def _parse_answer(status: int, stdout: str, stderr: str, agent_command: str) -> dict[str, Any]:
@@ -232,18 +332,23 @@ def _parse_answer(status: int, stdout: str, stderr: str, agent_command: str) -> 
     raise EdgetuneError(f"`{agent_command} install` failed on the board (exit {status}): {tail}")
 
 
-def _flash_one(pkg: Path, size: int, target: FlashTarget, opts: _Options) -> FlashResult:
+def _flash_one(pkg: Path, size: int, target: FlashTarget, opts: _Options, watch: _Watch) -> FlashResult:
     result = FlashResult(name=target.name, address=target.address, ok=False)
     start = time.monotonic()
-    say = lambda msg: opts.progress(target.name, msg)  # noqa: E731
+
+    def say(msg: str) -> None:
+        opts.progress(target.name, msg)
+
     client: paramiko.SSHClient | None = None
     sftp: paramiko.SFTPClient | None = None
     remote_part = f"{opts.remote_dir.rstrip('/')}/edgetune-{secrets.token_hex(8)}{PACKAGE_SUFFIX}.part"
     remote_pkg = remote_part[: -len(".part")]
     try:
         say("connecting")
-        client = _connect(target, opts, result.notes)
+        watch.enter("connecting")
+        client = _connect(target, opts, result.notes, watch)
         say(f"uploading {size / 1e6:.1f} MB")
+        watch.enter("uploading")
         sftp = client.open_sftp()
         channel = sftp.get_channel()
         if channel is not None:
@@ -255,7 +360,7 @@ def _flash_one(pkg: Path, size: int, target: FlashTarget, opts: _Options) -> Fla
         if opts.store:
             command += f" --store {shlex.quote(opts.store)}"
         say("installing")
-        status, stdout, stderr = _run(client, command, config.SSH_INSTALL_SEC)
+        status, stdout, stderr = _run(client, command, config.SSH_INSTALL_SEC, watch)
         answer = _parse_answer(status, stdout, stderr, opts.agent_command)
         result.install = answer
         check = answer.get("self_check") or {}
@@ -273,16 +378,18 @@ def _flash_one(pkg: Path, size: int, target: FlashTarget, opts: _Options) -> Fla
             result.current = answer.get("current")
             result.error = str(answer.get("error") or f"install failed (exit {status})")
     except EdgetuneError as err:
-        result.error = str(err)
+        result.error = watch.stop_reason or str(err)
     except (paramiko.SSHException, OSError, EOFError) as err:
-        result.error = f"SSH transfer failed ({err}): check the board's disk space and connection, then flash again"
+        result.error = watch.stop_reason or (
+            f"SSH transfer failed ({err}): check the board's disk space and connection, then flash again")
     finally:
         if sftp is not None:
-            for path in (remote_pkg, remote_part):
-                try:
-                    sftp.remove(path)
-                except (OSError, paramiko.SSHException):
-                    pass
+            if watch.stop_reason is None:  # a cut connection cannot clean up
+                for path in (remote_pkg, remote_part):
+                    try:
+                        sftp.remove(path)
+                    except (OSError, paramiko.SSHException, EOFError):
+                        pass
             sftp.close()
         if client is not None:
             client.close()
@@ -305,9 +412,10 @@ def flash(
     """Install ``pkg`` on every target, in parallel; one :class:`FlashResult` per target, in order.
 
     Deadlines: ``SSH_CONNECT_SEC`` for connecting and each upload step, ``SSH_INSTALL_SEC`` for the
-    agent's install. ``on_progress(board name, message)`` reports steps. Raises :class:`EdgetuneError`
-    only for problems that concern every board (no targets, not a package); a board's own failure is
-    in its result.
+    agent's install (its output read up to ``MAX_OUTPUT_BYTES``). ``on_progress(board name, message)``
+    reports steps. Raises :class:`EdgetuneError` only for problems that concern every board (no targets,
+    not a package); a board's own failure is in its result. On Ctrl-C, raises :class:`FlashInterrupted`
+    (a ``KeyboardInterrupt``) with every board's result within ``FLASH_CANCEL_SEC`` seconds.
     """
     path = Path(pkg)
     if not targets:
@@ -321,8 +429,60 @@ def flash(
         store=store,
         remote_dir=remote_dir,
         progress=on_progress or (lambda _name, _msg: None),
+        cancel=threading.Event(),
     )
     size = path.stat().st_size
-    with ThreadPoolExecutor(max_workers=min(len(targets), MAX_PARALLEL), thread_name_prefix="flash") as pool:
-        futures = [pool.submit(_flash_one, path, size, target, opts) for target in targets]
-        return [f.result() for f in futures]
+    watches = [_Watch() for _ in targets]
+    results: list[FlashResult | None] = [None] * len(targets)
+    slots = threading.BoundedSemaphore(min(len(targets), MAX_PARALLEL))
+
+    def work(i: int) -> None:
+        with slots:
+            if opts.cancel.is_set():
+                return  # Ctrl-C came before this board's turn
+            try:
+                results[i] = _flash_one(path, size, targets[i], opts, watches[i])
+            except Exception as err:  # noqa: BLE001 - one board's surprise must not lose the others' results
+                logger.debug("flashing %s failed", targets[i].name, exc_info=True)
+                error = f"flashing failed unexpectedly ({type(err).__name__}: {err}): please report it"
+                results[i] = FlashResult(targets[i].name, targets[i].address, ok=False,
+                                         error=watches[i].stop_reason or error)
+
+    # Daemon threads rather than a pool: after Ctrl-C nothing waits for a board (a pool's threads are
+    # joined when the interpreter exits).
+    threads = [threading.Thread(target=work, args=(i,), name=f"flash-{t.name}", daemon=True)
+               for i, t in enumerate(targets)]
+    try:
+        for thread in threads:
+            thread.start()
+        _watch(threads, watches)
+    except KeyboardInterrupt:
+        opts.cancel.set()
+        for watch in watches:
+            watch.cut(watch.interrupted())
+        end = time.monotonic() + config.FLASH_CANCEL_SEC
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(max(0.0, end - time.monotonic()))
+        outcomes = [_outcome(r, t, w, w.interrupted()) for r, t, w in zip(results, targets, watches)]
+        raise FlashInterrupted(outcomes) from None
+    return [_outcome(r, t, w, "the board's flash ended without a result: please report it")
+            for r, t, w in zip(results, targets, watches)]
+
+
+def _watch(threads: list[threading.Thread], watches: list[_Watch]) -> None:
+    """Wait for every board, cutting the connection of any that is past its step's deadline."""
+    while True:
+        alive = [t for t in threads if t.is_alive()]
+        if not alive:
+            return
+        alive[0].join(_WATCH_SEC)
+        now = time.monotonic()
+        for watch in watches:
+            watch.check(now)
+
+
+def _outcome(result: FlashResult | None, target: FlashTarget, watch: _Watch, missing: str) -> FlashResult:
+    if result is not None:
+        return result
+    return FlashResult(target.name, target.address, ok=False, error=watch.stop_reason or missing)

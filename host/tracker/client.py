@@ -1,4 +1,5 @@
-"""Talking to a tracker with a deadline on every wait (TVM's ``TrackerSession`` has none)."""
+"""Talking to a tracker and to boards with a deadline on every wait (TVM's ``TrackerSession`` and
+its RPC client have none)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 from typing import Any
 
@@ -66,15 +68,278 @@ def servers_of_key(summary: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return [s for s in summary.get("server_info", []) if s.get("key") == "server:" + key]
 
 
-def request_session(addr: TrackerAddr, key: str, session_timeout: float, deadline: float, priority: int = 1):
+class BoardUnavailable(EdgetuneError, ConnectionError):
+    """A board refused the session or stopped answering. A ``ConnectionError`` too: callers that have
+    other boards try another one."""
+
+
+class BoardSilent(BoardUnavailable):
+    """A board stopped answering without closing its connection (power cut, cable pulled, frozen agent
+    or kernel): no TCP connect, no handshake or no answer within its deadline. ``board`` is ``host:port``,
+    ``waited_sec`` how long it was given."""
+
+    def __init__(self, board: str, message: str, waited_sec: float) -> None:
+        super().__init__(message)
+        self.board = board
+        self.waited_sec = waited_sec
+
+
+# How often the connect watchdog looks whether TVM's connection to a board is up yet.
+_CONNECT_POLL_SEC = 0.25
+# What a socket deadline set by this module looks like once TVM turns it into an error (EAGAIN).
+_TIMED_OUT = "resource temporarily unavailable"
+_ESTABLISHED = "ESTABLISHED"  # psutil.CONN_ESTABLISHED
+
+Address = tuple[str, int]
+
+
+def _board_addresses(host: str, port: int) -> set[Address]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return {(host, port)}
+    return {(_plain_ip(info[4][0]), port) for info in infos}
+
+
+def _plain_ip(ip: str) -> str:
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def _sockets_to(peers: set[Address]) -> dict[int, tuple[Address, Address, str]]:
+    """This process's TCP sockets connected (or connecting) to one of ``peers``:
+    fd -> (local address, peer address, psutil status)."""
+    import psutil
+
+    found: dict[int, tuple[Address, Address, str]] = {}
+    try:
+        conns = psutil.Process().net_connections(kind="tcp")
+    except psutil.Error as err:
+        logger.debug("cannot list this process's connections: %s", err)
+        return found
+    for conn in conns:
+        if conn.fd is None or conn.fd < 0 or not conn.raddr:
+            continue
+        peer = (_plain_ip(conn.raddr.ip), conn.raddr.port)
+        if peer in peers:
+            found[conn.fd] = ((_plain_ip(conn.laddr.ip), conn.laddr.port), peer, conn.status)
+    return found
+
+
+# Why TVM's own socket is acted on, found by its addresses: ``rpc.connect`` (C++) keeps its socket to
+# itself and has no deadlines. A loopback relay thread in this process would deadlock: TVM frees a
+# remote object (one round trip to the board) while holding the GIL, so a relay thread could never
+# forward the answer. Kernel send/receive timeouts on TVM's socket need no Python code to run, and a
+# shutdown of it from another thread wakes a blocked call at once.
+class _SessionSocket:
+    """TVM's own socket of one session, found by its addresses, acted on through a duplicate of its
+    descriptor, and only while it is still that connection."""
+
+    def __init__(self, fd: int, local: Address, peer: Address) -> None:
+        self.fd, self.local, self.peer = fd, local, peer
+
+    def _dup(self) -> socket.socket | None:
+        try:
+            sock = socket.socket(fileno=os.dup(self.fd))
+        except OSError:
+            return None
+        try:
+            local, peer = sock.getsockname(), sock.getpeername()
+        except OSError:
+            local, peer = None, None
+        if local is None or (_plain_ip(local[0]), local[1]) != self.local or (_plain_ip(peer[0]), peer[1]) != self.peer:
+            sock.close()  # the descriptor was closed and reused meanwhile: not ours to touch
+            return None
+        return sock
+
+    def set_deadline(self, seconds: float) -> bool:
+        """Every send and receive on it fails after ``seconds`` without progress (the kernel enforces
+        it, so it also holds while TVM blocks with the GIL held, e.g. freeing a remote object)."""
+        sock = self._dup()
+        if sock is None:
+            return False
+        whole = int(seconds)
+        timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.close()  # the duplicate only
+
+    def cut(self) -> None:
+        """Shut the connection down: a TVM call blocked on it (connect, handshake, answer) fails at once."""
+        sock = self._dup()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                sock.close()
+
+
+def _new_session_sockets(peers: set[Address], before: dict, status: str | None = None) -> list[_SessionSocket]:
+    """Sockets to ``peers`` that were not there in ``before`` (a :func:`_sockets_to` result)."""
+    found = []
+    for fd, (local, peer, state) in _sockets_to(peers).items():
+        if before.get(fd, (None,))[0] == local or (status is not None and state != status):
+            continue
+        found.append(_SessionSocket(fd, local, peer))
+    return found
+
+
+class _ConnectWatchdog:
+    """Bounds ``rpc.connect``, which has no deadline: the TCP connect gets ``BOARD_CONNECT_SEC``, the
+    handshake ``BOARD_HANDSHAKE_SEC`` from the moment the connection is up. Past either, TVM's socket is
+    shut down, so its blocked call fails. (TVM releases the GIL while it connects: this thread runs.)"""
+
+    def __init__(self, board: str, peers: set[Address], before: dict) -> None:
+        self.board, self._peers, self._before = board, peers, before
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self.failure: str | None = None
+        self.waited_sec = 0.0
+        self._thread = threading.Thread(target=self._watch, name=f"edgetune-connect-{board}", daemon=True)
+        self._thread.start()
+
+    def finish(self) -> None:
+        with self._lock:
+            self._done.set()
+
+    def _watch(self) -> None:
+        connect_deadline = time.monotonic() + config.BOARD_CONNECT_SEC
+        while not self._done.wait(_CONNECT_POLL_SEC):
+            if _new_session_sockets(self._peers, self._before, _ESTABLISHED):
+                break
+            if time.monotonic() >= connect_deadline:
+                self._fire(f"board {self.board} stopped answering: no connection within {config.BOARD_CONNECT_SEC:g} s "
+                           "(off, unplugged or unreachable?)", config.BOARD_CONNECT_SEC)
+                return
+        else:
+            return
+        if not self._done.wait(config.BOARD_HANDSHAKE_SEC):
+            self._fire(f"board {self.board} stopped answering: it accepted the connection but no RPC handshake came "
+                       f"within {config.BOARD_HANDSHAKE_SEC:g} s (frozen?)", config.BOARD_HANDSHAKE_SEC)
+
+    def _fire(self, message: str, waited_sec: float) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.failure, self.waited_sec = message, waited_sec
+            for sock in _new_session_sockets(self._peers, self._before):
+                sock.cut()
+        logger.debug("%s: gave up on it", message)
+
+
+class _SessionWatch:
+    """Shuts a session's connection down at its deadline. It holds the connection's identity only, never
+    the session: a session the caller drops must close (and free its board) at once."""
+
+    def __init__(self, board: str, sockets: list[_SessionSocket], seconds: float) -> None:
+        self.sockets = sockets
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.name = f"edgetune-session-{board}"
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.cut()
+
+    def cut(self) -> None:
+        for sock in self.sockets:
+            sock.cut()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
+class BoardSession:
+    """An RPC session to one board, every wait on it bounded (see :func:`connect_board`).
+
+    ``session`` is TVM's ``RPCSession``, ``board`` is ``host:port``, ``answer_within_sec`` the deadline
+    on the session (None when it could not be set). Call :meth:`close` when done with it.
+    """
+
+    def __init__(self, session: Any, board: str, answer_within_sec: float | None,
+                 sockets: list[_SessionSocket]) -> None:
+        self.session = session
+        self.board = board
+        self.answer_within_sec = answer_within_sec
+        # A live board ends the session itself by then (its kill timer): past it, nothing will come.
+        self._watch = _SessionWatch(board, sockets, answer_within_sec) if answer_within_sec is not None else None
+
+    def stopped_answering(self, error: BaseException | str) -> str | None:
+        """The sentence to report when ``error`` (raised by a call on this session) is the board's
+        silence past its deadline, else None."""
+        if self._watch is None or not (self._watch.expired or _TIMED_OUT in str(error).lower()):
+            return None
+        return (f"board {self.board} stopped answering: no answer within {self.answer_within_sec:g} s, past its "
+                "session timeout (power cut, cable pulled or frozen?)")
+
+    def cut(self) -> None:
+        """End the session's connection now: every call on it, pending or later, fails at once (use it
+        once the board is known to be gone, so that cleaning up does not wait for it again)."""
+        if self._watch is not None:
+            self._watch.cut()
+
+    def close(self) -> None:
+        """Done with the session: its deadline watch stops (TVM closes the connection when the session
+        object is dropped)."""
+        if self._watch is not None:
+            self._watch.stop()
+
+
+def connect_board(host: str, port: int, matchkey: str, session_timeout: float,
+                  answer_within_sec: float | None = None) -> BoardSession:
+    """An RPC session to the board at ``host:port`` (``matchkey`` as the tracker gave it).
+
+    Deadlines, in seconds: ``BOARD_CONNECT_SEC`` for the TCP connect, ``BOARD_HANDSHAKE_SEC`` for the
+    handshake, then ``answer_within_sec`` (default: ``session_timeout`` plus ``BOARD_ANSWER_GRACE_SEC``)
+    for the session: each answer waits at most that long (the kernel enforces it on TVM's socket, so it
+    holds even while TVM waits with the GIL held, as when it frees a remote object), and at that time
+    after the handshake the connection is shut down, so later calls fail at once. Raises :class:`BoardSilent`
+    when the board does not answer the connect or handshake in time and :class:`BoardUnavailable` when
+    it refuses.
+    """
+    from tvm import rpc
+
+    board = f"{host}:{port}"
+    peers = _board_addresses(host, port)
+    before = _sockets_to(peers)
+    watchdog = _ConnectWatchdog(board, peers, before)
+    try:
+        session = rpc.connect(host, port, matchkey, session_timeout=session_timeout)
+    except Exception as err:  # noqa: BLE001 - TVM raises its own error types for a refused connection
+        watchdog.finish()
+        if watchdog.failure:
+            raise BoardSilent(board, watchdog.failure, watchdog.waited_sec) from None
+        raise BoardUnavailable(f"board {board} did not accept the session: {_last_line(err)}") from None
+    watchdog.finish()
+    answer_within = session_timeout + config.BOARD_ANSWER_GRACE_SEC if answer_within_sec is None else answer_within_sec
+    sockets = [s for s in _new_session_sockets(peers, before, _ESTABLISHED) if s.set_deadline(answer_within)]
+    if not sockets:
+        logger.warning("could not put a deadline on the session with board %s (its connection was not found): "
+                       "if the board stops answering, this session waits for it", board)
+    return BoardSession(session, board, answer_within if sockets else None, sockets)
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
+def open_board_session(addr: TrackerAddr, key: str, session_timeout: float, deadline: float, priority: int = 1,
+                       answer_within_sec: float | None = None) -> BoardSession:
     """Get an RPC session to a free board of ``key`` through the tracker.
 
     ``deadline`` is a ``time.monotonic()`` value: if no board of the key is given to us by then,
     :class:`NoBoardError` is raised (TVM's ``TrackerSession.request`` would wait forever). Raises
-    :class:`TrackerUnreachable` when the tracker is gone.
+    :class:`TrackerUnreachable` when the tracker is gone, and what :func:`connect_board` raises.
     """
-    from tvm import rpc
-
     base = _base()
     wait = deadline - time.monotonic()
     if wait <= 0:
@@ -95,12 +360,17 @@ def request_session(addr: TrackerAddr, key: str, session_timeout: float, deadlin
     if not isinstance(value, list) or value[0] != base.TrackerCode.SUCCESS:
         raise TrackerUnreachable(f"tracker {addr[0]}:{addr[1]} refused the request: {value!r}")
     host, port, matchkey = value[1]
-    board = f"{host}:{port}"
-    try:
-        session = rpc.connect(host, port, matchkey, session_timeout=session_timeout)
-    except Exception as err:  # noqa: BLE001 - TVM raises its own error types for a refused connection
-        raise ConnectionError(f"board {board} did not accept the session: {err}") from None
-    return session, board
+    # The tracker hands a board out once per offer, and a board offers itself again only after its
+    # session: a board that froze is not handed out again until it thaws and registers again.
+    return connect_board(host, int(port), matchkey, session_timeout, answer_within_sec)
+
+
+def request_session(addr: TrackerAddr, key: str, session_timeout: float, deadline: float, priority: int = 1):
+    """``(session, "host:port")`` of a free board of ``key``, as :func:`open_board_session` opens it (its
+    deadlines hold: a board that stops answering fails the session's calls, at the latest
+    ``BOARD_ANSWER_GRACE_SEC`` after ``session_timeout``). Raises what :func:`open_board_session` raises."""
+    opened = open_board_session(addr, key, session_timeout, deadline, priority)
+    return opened.session, opened.board
 
 
 def find_tracker_by_mdns(timeout: float) -> TrackerAddr | None:

@@ -5,7 +5,11 @@
   up to ``NO_BOARD_DEADLINE_SEC`` and then the session stops with :class:`NoBoardError` instead of
   hanging;
 - a board that drops a session is retried once on another board before the candidate is recorded
-  as a failed trial; a candidate that crashes or hangs the board is a failed trial, never a stop.
+  as a failed trial; a candidate that crashes or hangs the board is a failed trial, never a stop;
+- a board that stops answering without closing the connection (power cut, cable pulled, frozen) is
+  given up after its session timeout plus ``BOARD_ANSWER_GRACE_SEC`` (after ``BOARD_HANDSHAKE_SEC``
+  before its session started): the candidate it was measuring is a failed trial that names it, it is
+  reported once (a ``board-lost`` event), and measuring goes on on the other boards of the key.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from tvm.ir.utils import derived_object
 
 from .. import config
 from ..errors import EdgetuneError, NoBoardError, TrackerUnreachable
-from ..tracker.client import TrackerAddr, request_session, servers_of_key, tracker_summary
+from ..tracker.client import (BoardSession, BoardSilent, TrackerAddr, open_board_session, servers_of_key,
+                              tracker_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,7 @@ class BoardRunner(PyRunner):
         self.key = key
         self.evaluator_config = evaluator_config or EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
         self.session_timeout_sec = config.MEASURE_SESSION_SEC if session_timeout_sec is None else session_timeout_sec
+        self.answer_within_sec = _answer_deadline_sec(self.evaluator_config, self.session_timeout_sec)
         self.no_board_deadline_sec = (config.NO_BOARD_DEADLINE_SEC if no_board_deadline_sec is None
                                       else no_board_deadline_sec)
         self.on_event = on_event or (lambda event: None)
@@ -84,7 +90,9 @@ class BoardRunner(PyRunner):
         self._lock = threading.Lock()
         self._waiting_since: float | None = None
         self.measured_by: dict[str, int] = {}
+        self.lost: dict[str, str] = {}  # board -> why it was given up (until it measures again)
         self.stopped: SessionStop | None = None
+        self._open: dict[int, BoardSession] = {}  # sessions open now (by id), cut at once by shutdown()
 
     # -- board count -----------------------------------------------------------------------------
     def count_boards(self) -> int:
@@ -123,10 +131,20 @@ class BoardRunner(PyRunner):
             was_waiting = self._waiting_since is not None
             self._waiting_since = None
             self.measured_by[board] = self.measured_by.get(board, 0) + 1
+            self.lost.pop(board, None)  # it registered again and answers: a later silence is news again
         if was_waiting:
             self.on_event({"event": "resumed", "board": board})
 
-    def _acquire(self):
+    def _note_board_lost(self, board: str, reason: str, during: str, silent_s: float | None) -> None:
+        with self._lock:
+            first = board not in self.lost
+            self.lost[board] = reason
+        if first:
+            logger.warning("%s; measuring goes on without it (it is used again once it registers again)", reason)
+            self.on_event({"event": "board-lost", "board": board, "reason": reason, "during": during,
+                           "silent_s": silent_s})
+
+    def _acquire(self) -> BoardSession:
         """A session to a free board, waiting up to the no-board deadline (shared by all jobs)."""
         while True:
             with self._lock:
@@ -137,13 +155,18 @@ class BoardRunner(PyRunner):
             if time.monotonic() >= deadline:
                 break
             try:
-                return request_session(self.tracker, self.key, self.session_timeout_sec,
-                                       min(deadline, time.monotonic() + 5.0))
+                return open_board_session(self.tracker, self.key, self.session_timeout_sec,
+                                          min(deadline, time.monotonic() + 5.0),
+                                          answer_within_sec=self.answer_within_sec)
             except NoBoardError:
                 self._note_waiting(f"no free board of key {self.key!r} on tracker {self.tracker[0]}:{self.tracker[1]}")
             except TrackerUnreachable as err:
                 self._note_waiting(str(err))
                 time.sleep(1.0)
+            except BoardSilent as err:
+                # Not the candidate's fault: it did not reach the board. Another board takes it.
+                self._note_board_lost(err.board, str(err), "connecting", err.waited_sec)
+                self._note_waiting(str(err))
             except ConnectionError as err:
                 self._note_waiting(str(err))
                 time.sleep(0.5)
@@ -161,33 +184,70 @@ class BoardRunner(PyRunner):
         last_error = ""
         try:
             for _attempt in range(MAX_BOARD_ATTEMPTS):
-                session, board = self._acquire()
+                opened = self._acquire()
+                board, silent_s = opened.board, opened.answer_within_sec
                 self.board_log[artifact] = board
-                remote = os.path.basename(artifact)
-                uploaded = False
+                with self._lock:
+                    self._open[id(opened)] = opened
                 try:
-                    device = session.device(str(inp.device_type), 0)
-                    rt_mod = default_upload_module(session, artifact, remote)
-                    uploaded = True
-                    args = default_alloc_argument(session, device, tuple(a.as_json() for a in inp.args_info), 1)
-                    costs = default_run_evaluator(session, rt_mod, device, self.evaluator_config, args)
-                except Exception as err:  # noqa: BLE001 - any failure on the board is the trial's result
-                    last_error = _one_line(err)
-                    if not uploaded and _is_connection_error(last_error):
-                        continue  # the board dropped us before the candidate ran: try another board
-                    if "kShutdown" in last_error:
-                        last_error = "the candidate crashed the board's session process"
-                    return RunnerResult(None, f"on board {board}: {last_error}")
+                    costs, uploaded, error, silent = self._measure_on(opened, inp, artifact)
                 finally:
-                    try:
-                        default_cleanup(session, remote)
-                    except Exception:  # noqa: BLE001 - the session may be gone already
-                        pass
-                self._note_board_ok(board)
-                return RunnerResult([float(c) for c in costs], None)
+                    with self._lock:
+                        self._open.pop(id(opened), None)
+                    opened.close()
+                    del opened  # the session's connection closes here
+                if silent is not None:
+                    during = "cleaning up" if error is None else ("measuring" if uploaded else "uploading")
+                    self._note_board_lost(board, silent, during, silent_s)
+                if error is None:
+                    if silent is None:
+                        self._note_board_ok(board)
+                    return RunnerResult(costs, None)
+                if silent is not None:
+                    if not uploaded:
+                        last_error = silent
+                        continue  # the candidate never reached the board: another board takes it
+                    # It may be what froze the board: never tried on another one.
+                    return RunnerResult(None, f"{silent}; the candidate counts as a failed trial")
+                last_error = error
+                if not uploaded and _is_connection_error(last_error):
+                    continue  # the board dropped us before the candidate ran: try another board
+                if "kShutdown" in last_error:
+                    last_error = "the candidate crashed the board's session process"
+                return RunnerResult(None, f"on board {board}: {last_error}")
             return RunnerResult(None, f"boards dropped the session {MAX_BOARD_ATTEMPTS} times: {last_error}")
         finally:
             shutil.rmtree(os.path.dirname(artifact), ignore_errors=True)
+
+    def _measure_on(self, opened: BoardSession, inp: RunnerInput,
+                    artifact: str) -> tuple[list[float] | None, bool, str | None, str | None]:
+        """Upload, time and clean up one candidate on an open session.
+
+        Returns (costs, uploaded, error, silent): ``silent`` is the sentence saying the board stopped
+        answering, when it did (then the session is cut, so freeing its remote objects does not wait).
+        """
+        session = opened.session
+        remote = os.path.basename(artifact)
+        uploaded = False
+        costs: list[float] | None = None
+        error: str | None = None
+        try:
+            device = session.device(str(inp.device_type), 0)
+            rt_mod = default_upload_module(session, artifact, remote)
+            uploaded = True
+            args = default_alloc_argument(session, device, tuple(a.as_json() for a in inp.args_info), 1)
+            costs = [float(c) for c in default_run_evaluator(session, rt_mod, device, self.evaluator_config, args)]
+        except Exception as err:  # noqa: BLE001 - any failure on the board is the trial's result
+            error = _one_line(err)
+        silent = opened.stopped_answering(error) if error else None
+        if silent is None:
+            try:
+                default_cleanup(session, remote)
+            except Exception as err:  # noqa: BLE001 - the session may be gone already
+                silent = opened.stopped_answering(err)
+        if silent is not None:
+            opened.cut()
+        return costs, uploaded, error, silent
 
     def shutdown(self) -> None:
         """Stop measuring: jobs still waiting for a board give up at once (an interpreter exit would
@@ -198,6 +258,27 @@ class BoardRunner(PyRunner):
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
+            still_open = list(self._open.values())
+        for opened in still_open:  # a job still waiting on a board ends now, not at the board's deadline
+            opened.cut()
+
+
+def _answer_deadline_sec(evaluator: EvaluatorConfig, session_timeout_sec: float) -> float:
+    """How long a board may go without answering before it is taken as gone, in seconds.
+
+    The evaluator's timed runs (``repeat`` rounds of at least ``min_repeat_ms`` each) happen inside the
+    session, and the board itself ends the session at ``session_timeout_sec`` and says so: a board that
+    answers always does so by then. A candidate's speed is not known beforehand, so nothing tighter
+    holds; ``BOARD_ANSWER_GRACE_SEC`` covers the board stopping its session and the answer's way back.
+    Raises :class:`EdgetuneError` when the timed runs alone cannot fit in the session.
+    """
+    timed_sec = (evaluator.repeat or 1) * (evaluator.min_repeat_ms or 0) / 1000.0
+    if timed_sec >= session_timeout_sec:
+        raise EdgetuneError(
+            f"the evaluator's timed runs need at least {timed_sec:g} s, but a board ends a measurement session "
+            f"after {session_timeout_sec:g} s: raise EDGETUNE_MEASURE_SESSION_SEC or lower repeat/min_repeat_ms"
+        )
+    return session_timeout_sec + config.BOARD_ANSWER_GRACE_SEC
 
 
 def _one_line(err: BaseException) -> str:
