@@ -2,6 +2,7 @@
 # Install the edgetune board agent on a Raspberry Pi (or any 64-bit Debian-like board), as root.
 #
 #   usage: deploy/install-agent.sh [SOURCE] [--key K] [--tracker HOST:PORT] [--name N] [--trust KEY.pub]
+#                                  [--team-key FILE]
 #
 #   SOURCE   what to pip-install: an edgetune checkout, a wheel, or a URL pip understands.
 #            Default: the current directory if it is an edgetune checkout, else the checkout this
@@ -9,6 +10,7 @@
 #   --key    device key of the board (e.g. rpi4); required on the first install.
 #   --tracker, --name   written to /etc/default/edgetune-agent (empty tracker: found by mDNS).
 #   --trust  a public key from `edgetune keys init`, trusted for packages (edgetune-agent trust).
+#   --team-key  the workstation's ~/.config/edgetune/team.key: only hosts holding it run code here.
 #
 # What it does, and again on every run (it is idempotent; a re-run upgrades the agent):
 #   1. python3 -m venv /opt/edgetune/venv (installs python3-venv when missing);
@@ -36,10 +38,10 @@ say() { echo "install-agent: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
-source_arg="" key="" tracker="" name="" trust=""
+source_arg="" key="" tracker="" name="" trust="" team_key=""
 key_set=0 tracker_set=0 name_set=0
 while [ "$#" -gt 0 ]; do
     case "$1" in
@@ -52,6 +54,8 @@ while [ "$#" -gt 0 ]; do
         --name=*) name="${1#*=}"; name_set=1; shift ;;
         --trust) [ "$#" -ge 2 ] || die "--trust needs a .pub file"; trust="$2"; shift 2 ;;
         --trust=*) trust="${1#*=}"; shift ;;
+        --team-key) [ "$#" -ge 2 ] || die "--team-key needs a file"; team_key="$2"; shift 2 ;;
+        --team-key=*) team_key="${1#*=}"; shift ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) [ -z "$source_arg" ] || die "more than one SOURCE: $source_arg and $1"; source_arg="$1"; shift ;;
     esac
@@ -72,6 +76,11 @@ fi
 if [ -n "$trust" ]; then
     [ -f "$trust" ] || die "--trust $trust: no such file (copy the .pub file \`edgetune keys init\` printed to the board)"
     trust="$(readlink -f -- "$trust")"
+fi
+if [ -n "$team_key" ]; then
+    [ -f "$team_key" ] || die "--team-key $team_key: no such file (copy the workstation's ~/.config/edgetune/team.key to the board)"
+    grep -Eqx '[[:space:]]*[0-9a-fA-F]{64}[[:space:]]*' "$team_key" \
+        || die "--team-key $team_key is not a team key (one line of 64 hex digits, as \`edgetune tracker\` writes it)"
 fi
 
 arch="$(uname -m)"
@@ -186,6 +195,14 @@ if ! id -u edgetune >/dev/null 2>&1; then
     useradd --system --home-dir /var/lib/edgetune --no-create-home --shell /usr/sbin/nologin edgetune \
         || die "useradd edgetune failed (see above): the service runs as this user"
     say "created the system user edgetune"
+fi
+# The team key: readable by root and the agent's group only (the agent refuses to start without one).
+if [ -n "$team_key" ]; then
+    install -d -m 0755 /etc/edgetune
+    install -m 0640 -o root -g edgetune "$team_key" /etc/edgetune/team.key
+    say "installed the team key as /etc/edgetune/team.key (root:edgetune, mode 640)"
+elif [ ! -f /etc/edgetune/team.key ]; then
+    say "warning: no /etc/edgetune/team.key: the agent will not start; run again with --team-key FILE (the workstation's ~/.config/edgetune/team.key)"
 fi
 install -m 0644 "$SCRIPT_DIR/$UNIT_NAME" "$UNIT_FILE"
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__, config
+from .auth import (AUTH_OPEN, AUTH_TEAM, OPEN_WARNING, TXT_AUTH, TeamKey, TeamKeyMissing, board_key_path,
+                   load_team_key)
 from .errors import AgentError
 from .schema import BoardRecord, check_key
 
@@ -27,6 +29,8 @@ class ServeOptions:
     port: int | None = None  # None: first free in 9090-9199; 0: any
     advertise: bool = True
     store: str | None = None
+    team_key_file: str | None = None  # None: $EDGETUNE_TEAM_KEY_FILE, else /etc/edgetune/team.key
+    open_mode: bool = False  # sessions for anyone on the network (stock TVM clients), with a warning
 
 
 def board_id(store: str) -> str:
@@ -54,6 +58,24 @@ def board_id(store: str) -> str:
     return new_id
 
 
+def load_board_team_key(options: ServeOptions) -> TeamKey | None:
+    """The board's team key; None in open mode when there is none.
+
+    Raises :class:`AgentError` when there is none outside open mode, or when the file is not a usable key.
+    """
+    path = Path(options.team_key_file).expanduser() if options.team_key_file else board_key_path()
+    try:
+        return load_team_key(path)
+    except TeamKeyMissing:
+        if options.open_mode:
+            return None
+        raise AgentError(
+            f"no team key at {path}: copy the workstation's ~/.config/edgetune/team.key (made by `edgetune tracker`) "
+            "there (deploy/install-agent.sh --team-key FILE does it) or pass --team-key-file FILE; "
+            f"--open serves without one ({OPEN_WARNING})"
+        ) from None
+
+
 def make_record(options: ServeOptions, rpc_port: int, profile, board: str) -> BoardRecord:
     import tvm
 
@@ -73,6 +95,7 @@ def make_record(options: ServeOptions, rpc_port: int, profile, board: str) -> Bo
         tvm_version=str(tvm.__version__),
         agent_version=__version__,
         rpc_port=rpc_port,
+        extra={TXT_AUTH: AUTH_OPEN if options.open_mode else AUTH_TEAM},
     )
 
 
@@ -83,6 +106,7 @@ def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
     from .server import RPCAgentServer, bind_listen_socket
 
     check_key(options.key)
+    team_key = load_board_team_key(options)
     store = options.store or config.default_store()
     sock = bind_listen_socket(options.host, options.port)
     port = sock.getsockname()[1]
@@ -103,15 +127,16 @@ def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
         ort_bench.register()  # ONNX Runtime on the board, for `edgetune bench`
         if options.advertise or options.tracker is None:
             zc = open_zeroconf()
-        tracker_source: Callable[[], tuple[str, int] | None]
+        tracker_source: Callable[[], list[tuple[str, int]]]
         if options.tracker is not None:
-            fixed = options.tracker
+            fixed = [options.tracker]
             tracker_source = lambda: fixed  # noqa: E731
         else:
             locator = TrackerLocator(zc)
-            tracker_source = locator.current
+            tracker_source = locator.candidates
         custom_addr = None if options.host in ("", "0.0.0.0") else options.host
-        server = RPCAgentServer(sock, options.key, tracker_source, custom_addr=custom_addr, on_event=on_event)
+        server = RPCAgentServer(sock, options.key, tracker_source, custom_addr=custom_addr, on_event=on_event,
+                                team_key=team_key, open_mode=options.open_mode)
         if options.advertise:
             advertiser = Advertiser(record, advertised_addresses(options.host), zc)
         on_event(
@@ -119,6 +144,12 @@ def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
             f"serving TVM RPC on {options.host}:{port} as key {options.key!r}"
             + ("" if options.advertise else " (not advertised)")
         )
+        if options.open_mode:
+            on_event(f"warning: open mode (--open): {OPEN_WARNING}: any TVM client that reaches port {port} gets a "
+                     "session; give the board the team key and drop --open to allow only your hosts")
+        if team_key is not None:
+            on_event(f"team key {team_key.path} (fingerprint {team_key.fingerprint})"
+                     + ("" if options.open_mode else ": sessions only for hosts that prove it"))
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -82,14 +82,24 @@ def _parse_tracker(value: str | None) -> tuple[str, int] | None:
 @click.option("--port", type=int, default=None, help="RPC port (default: first free in 9090-9199; 0 = any).")
 @click.option("--no-advertise", is_flag=True, help="Do not advertise the board on mDNS.")
 @click.option("--store", type=click.Path(file_okay=False), help="Artifact store (default: $EDGETUNE_STORE, else /var/lib/edgetune as root, else ~/.local/share/edgetune).")
+@click.option("--team-key-file", envvar="EDGETUNE_TEAM_KEY_FILE", type=click.Path(dir_okay=False),
+              help="The team key: only hosts that hold it run code here (default: $EDGETUNE_TEAM_KEY_FILE, "
+                   "else /etc/edgetune/team.key).")
+@click.option("--open", "open_mode", is_flag=True, envvar="EDGETUNE_OPEN",
+              help="Serve any TVM client (stock scripts, stock MetaSchedule): anyone on the network can run "
+                   "code on this board. Prints a warning.")
 def serve(key: str, tracker: str | None, name: str | None, host: str, port: int | None,
-          no_advertise: bool, store: str | None) -> None:
+          no_advertise: bool, store: str | None, team_key_file: str | None, open_mode: bool) -> None:
     """Serve TVM RPC for tuning, registered with the tracker, and advertise the board.
+
+    Only hosts that hold the team key get a session, and the board registers only with a tracker that
+    proves it holds the key too.
 
     \b
     Example:
       edgetune-agent serve --key rpi4                      # tracker found by mDNS
       edgetune-agent serve --key rpi4 --tracker 192.168.1.10:9190 --name pi-kitchen
+      edgetune-agent serve --key rpi4 --team-key-file ~/team.key
     """
     from .agent import ServeOptions, serve as run_serve
 
@@ -98,7 +108,7 @@ def serve(key: str, tracker: str | None, name: str | None, host: str, port: int 
 
     options = ServeOptions(
         key=key, tracker=_parse_tracker(tracker), name=name, host=host, port=port,
-        advertise=not no_advertise, store=store,
+        advertise=not no_advertise, store=store, team_key_file=team_key_file, open_mode=open_mode,
     )
     run_serve(options, on_event)
 

@@ -52,6 +52,13 @@ ACCEPT_RETRY_SEC = _seconds("ACCEPT_RETRY_SEC", 0.5)
 MDNS_WAIT_REPORT_SEC = _seconds("MDNS_WAIT_REPORT_SEC", 10.0)
 # Grace period for RPC session processes to exit on SIGTERM before they are killed.
 CHILD_STOP_SEC = _seconds("CHILD_STOP_SEC", 3.0)
+# A direct-session token (a host connecting to the board without a tracker) is good this long either
+# side of the board's clock: boards without a real-time clock set theirs by NTP after boot, and a
+# workstation's clock may be off by minutes. The board remembers every token's nonce for this long.
+AUTH_SKEW_SEC = _seconds("AUTH_SKEW_SEC", 600.0)
+# A tracker that did not prove the team key (a rogue `_tvm-tracker._tcp` advertisement, another team's
+# tracker) is not tried again for this long; the agent keeps trying the others it knows meanwhile.
+UNTRUSTED_TRACKER_RETRY_SEC = _seconds("UNTRUSTED_TRACKER_RETRY_SEC", 30.0)
 # Self-check of an installed package: load + run the reference input (emulated boards are slow).
 SELF_CHECK_SEC = _seconds("SELF_CHECK_SEC", 300.0)
 # Time budget of the latency part of the self-check (after one warm-up run, at most 10 timed runs,
@@ -133,3 +140,7 @@ MAX_PENDING_HANDSHAKES = _limit("MAX_PENDING_HANDSHAKES", 8)
 # The key words of one handshake, in bytes. A genuine client sends "client:" + match key + " -timeout=S",
 # well under 100 bytes; 4095 (the bound the agent always had) caps what one connection makes it buffer.
 MAX_HANDSHAKE_KEY_BYTES = _limit("MAX_HANDSHAKE_KEY_BYTES", 4095)
+# Nonces of direct-session tokens remembered at once (each good once within AUTH_SKEW_SEC). Only tokens
+# with a valid MAC are remembered, so only holders of the team key fill it: 4096 is hundreds of sessions
+# a minute, a few hundred KiB at most.
+MAX_DIRECT_NONCES = _limit("MAX_DIRECT_NONCES", 4096)

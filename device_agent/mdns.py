@@ -120,9 +120,12 @@ class Advertiser:
 
 
 class TrackerLocator:
-    """Follows ``_tvm-tracker._tcp`` announcements; :meth:`current` returns the newest tracker seen.
+    """Follows ``_tvm-tracker._tcp`` announcements; :meth:`candidates` returns every tracker seen, newest
+    first, :meth:`current` the newest.
 
-    Keeps browsing, so an agent whose tracker restarts on a new address or port finds it again.
+    Keeps browsing, so an agent whose tracker restarts on a new address or port finds it again. Anyone on
+    the LAN can advertise a tracker: the agent tries them in turn and registers only with one that proves
+    the team key (:mod:`device_agent.server`), so a rogue advertisement cannot capture the board.
     """
 
     def __init__(self, zc: Zeroconf | None = None) -> None:
@@ -139,7 +142,7 @@ class TrackerLocator:
             with self._lock:
                 self._found.pop(name, None)
                 if self._latest == name:
-                    self._latest = next(iter(self._found), None)
+                    self._latest = next(reversed(self._found), None)
             return
         info = zeroconf.get_service_info(service_type, name, timeout=int(config.TRACKER_IO_SEC * 1000))
         if info is None or not info.port:
@@ -148,6 +151,7 @@ class TrackerLocator:
         if not addresses:
             return
         with self._lock:
+            self._found.pop(name, None)  # re-inserted last: the dict's order is the order last seen
             self._found[name] = (prefer_reachable(addresses), int(info.port))
             self._latest = name
         self._changed.set()
@@ -155,6 +159,12 @@ class TrackerLocator:
     def current(self) -> tuple[str, int] | None:
         with self._lock:
             return self._found.get(self._latest) if self._latest else None
+
+    def candidates(self) -> list[tuple[str, int]]:
+        """Every tracker advertised now, the one seen last first (duplicates of one address dropped)."""
+        with self._lock:
+            found = list(reversed(self._found.values()))
+        return list(dict.fromkeys(found))
 
     def wait(self, timeout: float | None, on_wait: Callable[[float], None] | None = None) -> tuple[str, int] | None:
         """Wait until a tracker is known; ``None`` after ``timeout`` seconds (``None`` = forever).

@@ -11,6 +11,12 @@ Nothing a client sends can stop the board: handshakes are read without blocking,
 under one deadline for the whole handshake (a client trickling bytes cannot hold the accept loop), their
 options are parsed strictly, and an unexpected error while handling one connection is logged and the
 loop serves on. Sessions stay one at a time: a board measures one candidate at a time.
+
+Only holders of the team key run code here (see :mod:`device_agent.auth`): a handshake must carry
+``-auth=`` with a proof of the key for this match key (through a tracker) or a fresh direct-session
+token (no tracker); anything else is refused with a logged reason. The board registers only with a
+tracker that proves the key, and proves it in turn. In open mode (``--open``) any client that knows
+the match key (or, with no tracker, the device key) gets a session, as with TVM's own server.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Callable
 import psutil
 
 from . import config
+from .auth import AuthRefused, SessionGate, TeamKey, authenticate_to_tracker
 from .errors import AgentError
 
 logger = logging.getLogger(__name__)
@@ -189,11 +196,19 @@ class RPCAgentServer:
         self,
         listen_sock: socket.socket,
         key: str,
-        tracker: Callable[[], TrackerAddr | None] | None,
+        tracker: Callable[[], list[TrackerAddr]] | None,
         custom_addr: str | None = None,
         on_event: Callable[[str], None] | None = None,
+        team_key: TeamKey | None = None,
+        open_mode: bool = False,
     ) -> None:
+        """``tracker`` returns the trackers to try, preferred first (a fixed one, or those found on mDNS).
+        ``team_key`` is required unless ``open_mode``; with it the board proves the key to trackers
+        (also in open mode). Raises :class:`AgentError` without a team key outside open mode."""
         from tvm.rpc import base  # import here: TVM import is slow and only the server needs it
+
+        if team_key is None and not open_mode:
+            raise AgentError("no team key: pass --team-key-file, or --open to let anyone on the network run code here")
 
         self._base = base
         self.sock = listen_sock
@@ -211,8 +226,13 @@ class RPCAgentServer:
         self._session_proc: multiprocessing.Process | None = None
         self._last_wait_report = 0.0
         self._next_ping = 0.0  # time.monotonic() of the next tracker ping
+        self._next_tracker_try = 0.0  # time.monotonic() of the next attempt to reach a tracker
         self._selector: selectors.BaseSelector | None = None
         self._pending: dict[socket.socket, PendingHandshake] = {}
+        self._team_key = team_key
+        # None in open mode: every handshake with the right key gets a session, as with TVM's server.
+        self._gate = None if open_mode else SessionGate(team_key, config.AUTH_SKEW_SEC, config.MAX_DIRECT_NONCES)
+        self._untrusted: dict[TrackerAddr, float] = {}  # tracker -> time.monotonic() it failed to prove the key
         self.stats = ServerStats()
 
     # -- tracker -------------------------------------------------------------------------------
@@ -241,45 +261,75 @@ class RPCAgentServer:
         self._unmatched_since = None
 
     def _connect_tracker(self) -> bool:
-        """Connect and register; False (after a message now and then) when the tracker is not there."""
-        addr = self._tracker() if self._tracker else None
+        """Register with the first tracker (of those known) that answers and proves the team key; False
+        (after a message now and then) when none does. A tracker that does not prove the key is skipped
+        for ``UNTRUSTED_TRACKER_RETRY_SEC`` while the others are tried."""
+        found = self._tracker() if self._tracker else []
         now = time.monotonic()
-        if addr is None:
+        candidates = [a for a in found
+                      if now - self._untrusted.get(a, -config.UNTRUSTED_TRACKER_RETRY_SEC) >= config.UNTRUSTED_TRACKER_RETRY_SEC]
+        if not candidates:
             if now - self._last_wait_report >= config.MDNS_WAIT_REPORT_SEC:
-                self._on_event("waiting for a tracker on mDNS (_tvm-tracker._tcp); start `edgetune tracker` "
-                               "on the workstation or pass --tracker HOST:PORT")
+                if found:
+                    self._on_event("no tracker that holds this team's key yet (skipped "
+                                   f"{', '.join(f'{a[0]}:{a[1]}' for a in found)}); still looking")
+                else:
+                    self._on_event("waiting for a tracker on mDNS (_tvm-tracker._tcp); start `edgetune tracker` "
+                                   "on the workstation or pass --tracker HOST:PORT")
                 self._last_wait_report = now
             return False
-        try:
-            conn = socket.create_connection(addr, timeout=config.TRACKER_IO_SEC)
-            conn.settimeout(config.TRACKER_IO_SEC)
-            # Each request is written in two parts (length, JSON): without this, Nagle holds the second
-            # until the tracker ACKs the first (~40 ms of delayed ACK), on every re-offer after a session.
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.sendall(struct.pack("<i", self._base.RPC_TRACKER_MAGIC))
-            magic = struct.unpack("<i", self._base.recvall(conn, 4))[0]
-            if magic != self._base.RPC_TRACKER_MAGIC:
-                conn.close()
-                raise OSError(f"{addr[0]}:{addr[1]} is not a TVM RPC tracker")
-            self._tracker_conn = conn
-            info = {"key": "server:" + self.key, "addr": [self._custom_addr, self.port]}
-            if self._tracker_call([self._base.TrackerCode.UPDATE_INFO, info]) != self._base.TrackerCode.SUCCESS:
-                raise OSError("tracker refused the board's info")
-            self._put()
-        except OSError as err:
-            self._close_tracker()
-            if now - self._last_wait_report >= config.MDNS_WAIT_REPORT_SEC:
-                self._on_event(f"tracker {addr[0]}:{addr[1]} not reachable ({err}); retrying every "
-                               f"{config.TRACKER_RETRY_SEC:g} s")
-                self._last_wait_report = now
-            return False
-        self._tracker_addr = addr
-        self._next_ping = time.monotonic() + config.TRACKER_PING_SEC
-        self.stats.registrations += 1
-        self.stats.last_registered = time.monotonic()
-        self._last_wait_report = 0.0
-        self._on_event(f"registered with tracker {addr[0]}:{addr[1]} as key {self.key!r} (port {self.port})")
-        return True
+        unreachable: list[str] = []
+        for addr in candidates:
+            try:
+                self._register(addr)
+            except AuthRefused as err:
+                self._close_tracker()
+                self._untrusted[addr] = time.monotonic()
+                self._on_event(f"tracker {addr[0]}:{addr[1]} does not hold this team's key ({err}): not registering "
+                               "with it; looking for another")
+                continue
+            except (OSError, ValueError, struct.error) as err:
+                self._close_tracker()
+                unreachable.append(f"{addr[0]}:{addr[1]} not reachable ({err})")
+                continue
+            self._untrusted.pop(addr, None)
+            self._tracker_addr = addr
+            self._next_ping = time.monotonic() + config.TRACKER_PING_SEC
+            self.stats.registrations += 1
+            self.stats.last_registered = time.monotonic()
+            self._last_wait_report = 0.0
+            self._on_event(f"registered with tracker {addr[0]}:{addr[1]} as key {self.key!r} (port {self.port})"
+                           + ("" if self._team_key is None else ", team key proven both ways"))
+            return True
+        if unreachable and now - self._last_wait_report >= config.MDNS_WAIT_REPORT_SEC:
+            self._on_event(f"tracker {'; '.join(unreachable)}; retrying every {config.TRACKER_RETRY_SEC:g} s")
+            self._last_wait_report = now
+        return False
+
+    def _register(self, addr: TrackerAddr) -> None:
+        """Connect to the tracker at ``addr``, prove the team key both ways, and offer the board.
+
+        Raises :class:`AuthRefused` when the tracker does not prove the key (or refuses ours), OSError
+        (ValueError, struct.error) when it is not reachable or not a tracker. The caller closes the
+        connection on failure.
+        """
+        conn = socket.create_connection(addr, timeout=config.TRACKER_IO_SEC)
+        self._tracker_conn = conn
+        conn.settimeout(config.TRACKER_IO_SEC)
+        # Each request is written in two parts (length, JSON): without this, Nagle holds the second
+        # until the tracker ACKs the first (~40 ms of delayed ACK), on every re-offer after a session.
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(struct.pack("<i", self._base.RPC_TRACKER_MAGIC))
+        magic = struct.unpack("<i", self._base.recvall(conn, 4))[0]
+        if magic != self._base.RPC_TRACKER_MAGIC:
+            raise OSError(f"{addr[0]}:{addr[1]} is not a TVM RPC tracker")
+        if self._team_key is not None:
+            # Before anything else: a tracker that cannot prove the key never learns of the board.
+            authenticate_to_tracker(self._team_key, self._tracker_call)
+        info = {"key": "server:" + self.key, "addr": [self._custom_addr, self.port]}
+        if self._tracker_call([self._base.TrackerCode.UPDATE_INFO, info]) != self._base.TrackerCode.SUCCESS:
+            raise OSError("tracker refused the board's info")
+        self._put()
 
     def _ping_tracker(self) -> None:
         """Renew the match key when a client took it but never came (TVM's server does the same)."""
@@ -371,10 +421,21 @@ class RPCAgentServer:
         """Check a complete handshake's key and options, answer it, and serve the session it opens."""
         base = self._base
         conn.settimeout(config.HANDSHAKE_SEC)  # the answer is a few bytes: the send buffer takes them
-        expected = ("client:" + (self._matchkey if self._tracker_conn is not None else self.key)).encode()
+        through_tracker = self._tracker_conn is not None
+        expected = ("client:" + (self._matchkey if through_tracker else self.key)).encode()
         if not words or words[0] != expected:
             self._refuse(conn, addr, "a wrong key")
             return
+        if self._gate is not None:
+            # A refused proof does not use the match key up: the host the tracker gave it to still comes.
+            try:
+                if through_tracker:
+                    self._gate.check_tracker_session(self._matchkey, words[1:])
+                else:
+                    self._gate.check_direct_session(self.key, words[1:])
+            except AuthRefused as err:
+                self._refuse(conn, addr, str(err))
+                return
         # The key was right, so it is used up whatever happens next: offer the board again afterwards.
         try:
             options = parse_session_options(words[1:], config.MAX_SESSION_SEC)
@@ -491,16 +552,22 @@ class RPCAgentServer:
             self.sock.close()
 
     def _serve_step(self) -> None:
-        """One turn of the loop: (re)connect the tracker, read what arrived, answer complete handshakes
-        (serving their sessions one at a time), drop expired ones, ping the tracker when due."""
+        """One turn of the loop: (re)connect the tracker when due, read what arrived, answer complete
+        handshakes (serving their sessions one at a time), drop expired ones, ping the tracker when due.
+
+        While no tracker is registered the board still serves: a host that found it on mDNS connects
+        straight to it with a direct-session token (or, in open mode, the device key)."""
         assert self._selector is not None
-        if self._tracker is not None and self._tracker_conn is None:
+        if self._tracker is not None and self._tracker_conn is None and time.monotonic() >= self._next_tracker_try:
             if not self._connect_tracker():
-                self._expire_handshakes()
-                self._stop.wait(config.TRACKER_RETRY_SEC)
-                return
+                self._next_tracker_try = time.monotonic() + config.TRACKER_RETRY_SEC
         now = time.monotonic()
-        wake = now + config.TRACKER_PING_SEC if self._tracker_conn is None else self._next_ping
+        if self._tracker_conn is not None:
+            wake = self._next_ping
+        elif self._tracker is not None:
+            wake = self._next_tracker_try
+        else:
+            wake = now + config.TRACKER_PING_SEC
         wake = min([wake, *(p.deadline for p in self._pending.values())])
         events = self._selector.select(max(wake - now, 0.0))
         if self._stop.is_set():

@@ -10,6 +10,9 @@ from device_agent.config import _seconds
 
 # Connecting to the tracker and getting one answer: a live tracker answers in milliseconds.
 TRACKER_CONNECT_SEC = _seconds("TRACKER_CONNECT_SEC", 5.0)
+# A connection to `edgetune tracker` that has not proven the team key by then is closed. Boards and hosts
+# prove it in their first two round trips (milliseconds); this bounds what idle strangers cost the tracker.
+TRACKER_AUTH_SEC = _seconds("TRACKER_AUTH_SEC", 10.0)
 # How long `edgetune devices` listens for mDNS answers by default. python-zeroconf responders hold
 # multicast answers back to aggregate them (~1.1 s seen on loopback), so less than 2 s finds nothing.
 DISCOVERY_SEC = _seconds("DISCOVERY_SEC", 3.0)

@@ -103,6 +103,7 @@ def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
     from ..package.package import package
     from ..report.report import make_report
     from ..tracker.client import servers_of_key, tracker_summary
+    from ..tracker.teamkey import ensure_team_key
     from ..tuning.session import TuneOptions, run_session
 
     work = Path(workdir).resolve()
@@ -111,8 +112,14 @@ def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
     logs.mkdir(exist_ok=True)
     # The demo's board is this machine on loopback: keep its mDNS there too (multicast works on lo).
     os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
+    # The team key, as `edgetune tracker` makes it: the demo's tracker, agent and this process share it.
+    team, notice = ensure_team_key()
+    if notice:
+        say(notice)
     env = dict(os.environ)
     env.pop("EDGETUNE_TRACKER", None)
+    env.pop("EDGETUNE_OPEN", None)
+    env["EDGETUNE_TEAM_KEY_FILE"] = str(team.path)
     key = "demo-" + re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0] or "host")[:40]
     store = work / "store"
     started: list[_Process] = []
@@ -121,7 +128,8 @@ def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
                            logs / "tracker.log", env)
         started.append(tracker)
         port = int(tracker.wait_for_log(r"tracker listening on [\d.]+:(\d+)", config.PROCESS_START_SEC).group(1))
-        say(f"started a TVM RPC tracker on 127.0.0.1:{port} (pid {tracker.pid}), advertised on mDNS")
+        say(f"started a TVM RPC tracker on 127.0.0.1:{port} (pid {tracker.pid}), advertised on mDNS; it obeys "
+            f"only holders of the team key {team.path}")
         # Named explicitly: other trackers may be advertised on this machine; a board on a LAN with one
         # tracker finds it by mDNS (`edgetune-agent serve --key K`).
         agent = _Process("agent", [_bin("edgetune-agent"), "serve", "--key", key, "--name", f"{key}-board",
@@ -129,7 +137,8 @@ def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
                                    "--tracker", f"127.0.0.1:{port}"],
                          logs / "agent.log", env)
         started.append(agent)
-        say(f"started the board agent (pid {agent.pid}), serving TVM RPC and advertising itself on mDNS")
+        say(f"started the board agent (pid {agent.pid}), serving TVM RPC to holders of the team key and "
+            "advertising itself on mDNS")
         agent.wait_for_log(r"registered with tracker", config.PROCESS_START_SEC)
         deadline = time.monotonic() + config.PROCESS_START_SEC
         boards = []

@@ -1,5 +1,7 @@
 """Talking to a tracker and to boards with a deadline on every wait (TVM's ``TrackerSession`` and
-its RPC client have none)."""
+its RPC client have none), proving the team key to both (:mod:`device_agent.auth`): every tracker
+connection starts with the mutual proof, and a tracker that cannot prove the key is refused; every
+RPC handshake carries ``-auth=`` (a proof for the tracker's match key, or a direct-session token)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,17 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from device_agent.auth import (AuthRefused, TeamKey, authenticate_to_tracker, direct_token, handshake_key,
+                               session_proof)
 from device_agent.schema import TRACKER_SERVICE
 
 from .. import config
 from ..errors import EdgetuneError, NoBoardError, TrackerUnreachable
 from ..util import parse_hostport
+from .teamkey import team_key
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +34,18 @@ def _base():
     return base
 
 
-def _connect(addr: TrackerAddr, timeout: float) -> socket.socket:
+class TrackerNotTrusted(TrackerUnreachable):
+    """The tracker did not prove the team key (another team's tracker, TVM's own, or an impostor)."""
+
+
+def _connect(addr: TrackerAddr, timeout: float, key: TeamKey | None = None) -> socket.socket:
+    """A tracker connection on which both sides proved the team key (``key``, default the workstation's).
+
+    Raises :class:`TrackerUnreachable`, :class:`TrackerNotTrusted`, or :class:`EdgetuneError` when this
+    machine has no team key.
+    """
     base = _base()
+    key = team_key() if key is None else key
     try:
         sock = socket.create_connection(addr, timeout=timeout)
         sock.settimeout(timeout)
@@ -43,6 +59,23 @@ def _connect(addr: TrackerAddr, timeout: float) -> socket.socket:
     if magic != base.RPC_TRACKER_MAGIC:
         sock.close()
         raise TrackerUnreachable(f"{addr[0]}:{addr[1]} is not a TVM RPC tracker: check --tracker")
+
+    def call(message: list) -> object:
+        base.sendjson(sock, message)
+        return base.recvjson(sock)
+
+    try:
+        authenticate_to_tracker(key, call)
+    except AuthRefused as err:
+        sock.close()
+        raise TrackerNotTrusted(
+            f"tracker at {addr[0]}:{addr[1]} does not hold this team's key: {err}; run `edgetune tracker` with "
+            f"the key in {key.path} (fingerprint {key.fingerprint}) there, or pass --tracker with your team's tracker"
+        ) from None
+    except OSError as err:  # a timeout: the tracker is slow or gone
+        sock.close()
+        raise TrackerUnreachable(f"tracker {addr[0]}:{addr[1]} stopped answering ({err or 'timed out'}): is it "
+                                 "running?") from None
     return sock
 
 
@@ -294,8 +327,10 @@ class BoardSession:
 
 
 def connect_board(host: str, port: int, matchkey: str, session_timeout: float,
-                  answer_within_sec: float | None = None) -> BoardSession:
-    """An RPC session to the board at ``host:port`` (``matchkey`` as the tracker gave it).
+                  answer_within_sec: float | None = None, proof: str | None = None) -> BoardSession:
+    """An RPC session to the board at ``host:port`` (``matchkey`` as the tracker gave it, ``proof`` the
+    ``-auth=`` value proving the team key: see :func:`device_agent.auth.session_proof`; None sends none,
+    as a stock TVM client does).
 
     Deadlines, in seconds: ``BOARD_CONNECT_SEC`` for the TCP connect, ``BOARD_HANDSHAKE_SEC`` for the
     handshake, then ``answer_within_sec`` (default: ``session_timeout`` plus ``BOARD_ANSWER_GRACE_SEC``)
@@ -312,7 +347,8 @@ def connect_board(host: str, port: int, matchkey: str, session_timeout: float,
     before = _sockets_to(peers)
     watchdog = _ConnectWatchdog(board, peers, before)
     try:
-        session = rpc.connect(host, port, matchkey, session_timeout=session_timeout)
+        key = matchkey if proof is None else handshake_key(matchkey, proof)
+        session = rpc.connect(host, port, key, session_timeout=session_timeout)
     except Exception as err:  # noqa: BLE001 - TVM raises its own error types for a refused connection
         watchdog.finish()
         if watchdog.failure:
@@ -327,24 +363,46 @@ def connect_board(host: str, port: int, matchkey: str, session_timeout: float,
     return BoardSession(session, board, answer_within if sockets else None, sockets)
 
 
+def connect_board_direct(host: str, port: int, device_key: str, session_timeout: float,
+                         answer_within_sec: float | None = None, key: TeamKey | None = None) -> BoardSession:
+    """An RPC session straight to a board of ``device_key`` at ``host:port``, without a tracker (a board
+    that has none serves its device key), proven with a one-time direct-session token.
+
+    Raises what :func:`connect_board` raises, and :class:`EdgetuneError` when this machine has no team key.
+    """
+    key = team_key() if key is None else key
+    return connect_board(host, port, device_key, session_timeout, answer_within_sec,
+                         proof=direct_token(key, device_key))
+
+
 def _last_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return (lines[-1] if lines else type(err).__name__)[:300]
 
 
-def open_board_session(addr: TrackerAddr, key: str, session_timeout: float, deadline: float, priority: int = 1,
-                       answer_within_sec: float | None = None) -> BoardSession:
-    """Get an RPC session to a free board of ``key`` through the tracker.
+@dataclass(frozen=True)
+class BoardOffer:
+    """A board the tracker handed to us: where it serves and the one-time match key to present there."""
+
+    host: str
+    port: int
+    matchkey: str
+
+
+def request_board(addr: TrackerAddr, key: str, deadline: float, priority: int = 1,
+                  team: TeamKey | None = None) -> BoardOffer:
+    """Ask the tracker for a free board of ``key`` (the team key proven both ways first).
 
     ``deadline`` is a ``time.monotonic()`` value: if no board of the key is given to us by then,
     :class:`NoBoardError` is raised (TVM's ``TrackerSession.request`` would wait forever). Raises
-    :class:`TrackerUnreachable` when the tracker is gone, and what :func:`connect_board` raises.
+    :class:`TrackerUnreachable` when the tracker is gone, :class:`TrackerNotTrusted` when it does not
+    prove the team key.
     """
     base = _base()
     wait = deadline - time.monotonic()
     if wait <= 0:
         raise NoBoardError(f"no board of key {key!r} became free in time")
-    sock = _connect(addr, min(config.TRACKER_CONNECT_SEC, max(wait, 0.1)))
+    sock = _connect(addr, min(config.TRACKER_CONNECT_SEC, max(wait, 0.1)), team)
     try:
         base.sendjson(sock, [base.TrackerCode.REQUEST, key, "edgetune", priority])
         sock.settimeout(max(deadline - time.monotonic(), 0.05))
@@ -357,12 +415,27 @@ def open_board_session(addr: TrackerAddr, key: str, session_timeout: float, dead
     finally:
         # Closing the socket withdraws the pending request from the tracker.
         sock.close()
-    if not isinstance(value, list) or value[0] != base.TrackerCode.SUCCESS:
-        raise TrackerUnreachable(f"tracker {addr[0]}:{addr[1]} refused the request: {value!r}")
+    if (not isinstance(value, list) or len(value) != 2 or value[0] != base.TrackerCode.SUCCESS
+            or not isinstance(value[1], list) or len(value[1]) != 3):
+        raise TrackerUnreachable(f"tracker {addr[0]}:{addr[1]} refused the request: {str(value)[:200]!r}")
     host, port, matchkey = value[1]
+    return BoardOffer(str(host), int(port), str(matchkey))
+
+
+def open_board_session(addr: TrackerAddr, key: str, session_timeout: float, deadline: float, priority: int = 1,
+                       answer_within_sec: float | None = None) -> BoardSession:
+    """Get an RPC session to a free board of ``key`` through the tracker, proving the team key to the
+    tracker and to the board.
+
+    ``deadline`` is a ``time.monotonic()`` value for getting a board (see :func:`request_board`). Raises
+    what :func:`request_board` and :func:`connect_board` raise.
+    """
+    team = team_key()
+    offer = request_board(addr, key, deadline, priority, team)
     # The tracker hands a board out once per offer, and a board offers itself again only after its
     # session: a board that froze is not handed out again until it thaws and registers again.
-    return connect_board(host, int(port), matchkey, session_timeout, answer_within_sec)
+    return connect_board(offer.host, offer.port, offer.matchkey, session_timeout, answer_within_sec,
+                         proof=session_proof(team, offer.matchkey))
 
 
 def request_session(addr: TrackerAddr, key: str, session_timeout: float, deadline: float, priority: int = 1):
@@ -374,18 +447,44 @@ def request_session(addr: TrackerAddr, key: str, session_timeout: float, deadlin
 
 
 def find_tracker_by_mdns(timeout: float) -> TrackerAddr | None:
-    """The first tracker advertised on mDNS within ``timeout`` seconds, or None."""
+    """The first tracker advertised on mDNS within ``timeout`` seconds that proves the team key, or None
+    when none is advertised. Trackers that do not prove it are skipped (anyone can advertise one).
+
+    Raises :class:`TrackerNotTrusted` when trackers were found but none proves the key, and
+    :class:`EdgetuneError` when this machine has no team key.
+    """
     from device_agent.mdns import TrackerLocator
 
+    key = team_key()
     try:
         locator = TrackerLocator()
     except Exception as err:  # noqa: BLE001 - AgentError or OSError: no mDNS means no tracker found
         logger.debug("mDNS unavailable: %s", err)
         return None
+    deadline = time.monotonic() + timeout
+    skipped: dict[TrackerAddr, TrackerUnreachable] = {}
     try:
-        return locator.wait(timeout)
+        while locator.wait(max(deadline - time.monotonic(), 0.0)) is not None:
+            for addr in locator.candidates():
+                if addr in skipped:
+                    continue
+                try:
+                    _connect(addr, config.TRACKER_CONNECT_SEC, key).close()
+                    return addr
+                except TrackerUnreachable as err:  # TrackerNotTrusted included
+                    logger.warning("skipping the tracker advertised at %s:%s: %s", addr[0], addr[1], err)
+                    skipped[addr] = err
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(_CONNECT_POLL_SEC)
     finally:
         locator.close()
+    untrusted = [err for err in skipped.values() if isinstance(err, TrackerNotTrusted)]
+    if untrusted:
+        raise TrackerNotTrusted("no tracker on mDNS holds this team's key: " + " | ".join(map(str, untrusted)))
+    if skipped:
+        raise next(iter(skipped.values()))
+    return None
 
 
 def resolve_tracker(value: str | None, timeout: float | None = None) -> TrackerAddr:

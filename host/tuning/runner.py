@@ -6,6 +6,8 @@
   hanging;
 - a board that drops a session is retried once on another board before the candidate is recorded
   as a failed trial; a candidate that crashes or hangs the board is a failed trial, never a stop;
+- sessions prove the team key to the tracker and to each board (:mod:`host.tracker.client`); a tracker
+  that cannot prove it ends the session (:class:`SessionStop`) instead of being waited for;
 - a board that stops answering without closing the connection (power cut, cable pulled, frozen) is
   given up after its session timeout plus ``BOARD_ANSWER_GRACE_SEC`` (after ``BOARD_HANDSHAKE_SEC``
   before its session started): the candidate it was measuring is a failed trial that names it, it is
@@ -33,8 +35,8 @@ from tvm.ir.utils import derived_object
 
 from .. import config
 from ..errors import EdgetuneError, NoBoardError, TrackerUnreachable
-from ..tracker.client import (BoardSession, BoardSilent, TrackerAddr, open_board_session, servers_of_key,
-                              tracker_summary)
+from ..tracker.client import (BoardSession, BoardSilent, TrackerAddr, TrackerNotTrusted, open_board_session,
+                              servers_of_key, tracker_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +162,11 @@ class BoardRunner(PyRunner):
                                           answer_within_sec=self.answer_within_sec)
             except NoBoardError:
                 self._note_waiting(f"no free board of key {self.key!r} on tracker {self.tracker[0]}:{self.tracker[1]}")
+            except TrackerNotTrusted as err:
+                # Waiting does not help: it will not learn the key. Stop with the log intact.
+                with self._lock:
+                    self.stopped = self.stopped or SessionStop(str(err))
+                raise self.stopped from None
             except TrackerUnreachable as err:
                 self._note_waiting(str(err))
                 time.sleep(1.0)
