@@ -70,7 +70,7 @@ def main() -> None:
     os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
     # MetaSchedule prints its scheduler tables to stdout at INFO: keep stdout for the JSON figures.
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    with local_board() as bed:
+    with local_board(open_mode=True) as bed:  # stock MetaSchedule's RPCRunner holds no team key
         figures = {"model": args.model, "trials": args.trials, "cores": os.cpu_count()}
         # Both run in this one process, stock first: edgetune then starts with TVM and its tensor
         # intrinsics already imported (about 20 s of the stock run's time); everything else of its

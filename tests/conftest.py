@@ -19,6 +19,27 @@ from device_agent.probe import read_profile  # noqa: E402
 HOST_TARGET = read_profile().target
 
 
+@pytest.fixture(scope="session", autouse=True)
+def team_key(tmp_path_factory):
+    """One team key for the whole test session, as a set-up following the README has: every tracker, agent
+    and host command a test starts (they inherit this environment) and the host code tests call in-process
+    hold it. A test that needs a stranger starts it with another key or none."""
+    from device_agent.auth import OPEN_ENV, TEAM_KEY_ENV, create_team_key
+
+    saved = {name: os.environ.get(name) for name in (TEAM_KEY_ENV, OPEN_ENV)}
+    key = create_team_key(tmp_path_factory.mktemp("team") / "team.key")
+    os.environ[TEAM_KEY_ENV] = str(key.path)
+    os.environ.pop(OPEN_ENV, None)
+    try:
+        yield key
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @pytest.fixture
 def peers(tmp_path):
     """Start peers through this list; all are stopped (with their children) at the end."""

@@ -62,9 +62,10 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
 
 
 def start_tracker(log_dir: Path, port: int | None = None, advertise: bool = True, name: str = "tracker",
-                  env: dict[str, str] | None = None, host: str = "127.0.0.1") -> Peer:
+                  env: dict[str, str] | None = None, host: str = "127.0.0.1", args: tuple[str, ...] = ()) -> Peer:
+    """``edgetune tracker``; ``args`` adds options (e.g. ``("--allow-plain-key", "phone")`` for a stock server)."""
     port = free_port() if port is None else port
-    argv = [EDGETUNE, "tracker", "--host", host, "--port", str(port)]
+    argv = [EDGETUNE, "tracker", "--host", host, "--port", str(port), *args]
     if not advertise:
         argv.append("--no-advertise")
     peer = spawn(name, argv, log_dir, env)
@@ -76,8 +77,10 @@ def start_tracker(log_dir: Path, port: int | None = None, advertise: bool = True
 
 
 def start_agent(log_dir: Path, key: str, name: str, tracker: str | None, store: Path,
-                advertise: bool = True, env: dict[str, str] | None = None, host: str = "127.0.0.1") -> Peer:
-    argv = [AGENT, "serve", "--key", key, "--name", name, "--host", host, "--port", "0", "--store", str(store)]
+                advertise: bool = True, env: dict[str, str] | None = None, host: str = "127.0.0.1",
+                args: tuple[str, ...] = ()) -> Peer:
+    """``edgetune-agent serve``; ``args`` adds options (e.g. ``("--open",)``)."""
+    argv = [AGENT, "serve", "--key", key, "--name", name, "--host", host, "--port", "0", "--store", str(store), *args]
     if tracker:
         argv += ["--tracker", tracker]
     if not advertise:

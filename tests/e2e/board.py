@@ -906,6 +906,16 @@ def _make_ssh(handle_dir: Path, root: Path, board_ip: str) -> tuple[Path, Path]:
     return client_key, known_hosts
 
 
+def install_team_key(root: Path) -> None:
+    """Give the board the workstation's team key (``$EDGETUNE_TEAM_KEY_FILE``, else
+    ~/.config/edgetune/team.key, created when missing as `edgetune tracker` does) at /etc/edgetune/team.key,
+    as ``deploy/install-agent.sh --team-key`` does: the board's agent then serves this host's commands."""
+    from device_agent.auth import BOARD_TEAM_KEY, load_or_create_team_key, workstation_key_path
+
+    key, _created = load_or_create_team_key(workstation_key_path())
+    _write(root / BOARD_TEAM_KEY.relative_to("/"), key.secret.hex() + "\n", 0o600)
+
+
 def _resolve_tracker(tracker: str | Callable[[str], str] | None, handle: BoardHandle) -> str | None:
     if tracker is None:
         return None
@@ -1007,6 +1017,7 @@ def start_board(*, tracker: str | Callable[[str], str] | None, key: str = "rpi4-
         fmt = {"board_ip": handle.board_ip, "host_ip": handle.host_ip, "tracker": tracker_addr or "",
                "key": key, "name": name, "store": store}
         if agent_argv is None:
+            install_team_key(root)
             argv = ["edgetune-agent", "serve", "--key", key, "--name", name, "--host", handle.board_ip,
                     "--store", store]
             if tracker_addr:

@@ -3,7 +3,9 @@
 - ``emulated_board_image`` (session): installs the host's packages and qemu 10 when missing, builds
   or reuses the cached board image, returns its root file system.
 - ``start_emulated_board`` / ``start_emulated_board_module``: factories calling board.start_board with
-  this checkout as the agent's source; every board started through them is stopped at teardown.
+  this checkout as the agent's source; every board started through them is stopped at teardown. A board
+  running ``edgetune-agent`` gets the test session's team key (``team_key`` in tests/conftest.py) in its
+  /etc/edgetune/team.key, as ``deploy/install-agent.sh --team-key`` would install it.
 - ``stock_tracker`` / ``stock_tracker_module``: factories starting TVM's own tracker on a host address
   (port from the OS). Pass one as ``tracker=`` to start a tracker on the board's link::
 
@@ -84,7 +86,7 @@ class TrackerFactory:
 
 
 @pytest.fixture
-def start_emulated_board(emulated_board_image: Path) -> Iterator[Callable[..., board.BoardHandle]]:
+def start_emulated_board(emulated_board_image: Path, team_key) -> Iterator[Callable[..., board.BoardHandle]]:
     factory = BoardFactory()
     try:
         yield factory
@@ -93,7 +95,7 @@ def start_emulated_board(emulated_board_image: Path) -> Iterator[Callable[..., b
 
 
 @pytest.fixture(scope="module")
-def start_emulated_board_module(emulated_board_image: Path) -> Iterator[Callable[..., board.BoardHandle]]:
+def start_emulated_board_module(emulated_board_image: Path, team_key) -> Iterator[Callable[..., board.BoardHandle]]:
     factory = BoardFactory()
     try:
         yield factory

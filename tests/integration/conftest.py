@@ -14,8 +14,9 @@ KEY = "x86host"
 
 
 @pytest.fixture(scope="session")
-def tuning_bed(tmp_path_factory):
-    """A tracker and one agent (this machine as a board) for the whole test session."""
+def tuning_bed(tmp_path_factory, team_key):
+    """A tracker and one agent (this machine as a board) for the whole test session, both holding the
+    test session's team key (``team_key``, in the environment they inherit)."""
     base = tmp_path_factory.mktemp("bed")
     # Not advertised: it lives for the whole test session and must not be found by agents of other
     # tests that look for a tracker on mDNS.

@@ -18,6 +18,7 @@ import time
 import psutil
 import pytest
 
+from host.errors import EdgetuneError
 from tests.peers import peer_env, wait_for, wait_registered
 
 RPC_MAGIC = 0xFF271  # tvm.rpc.base.RPC_MAGIC; a literal so the module imports without TVM
@@ -44,17 +45,21 @@ def start_bed(peers, key: str, **env: str):
 
 
 def take_matchkey(tracker_port: int, key: str, timeout: float = 30.0) -> tuple[str, int, str]:
-    """Ask the tracker for a board of ``key`` as a client does: (host, port, matchkey) of the board."""
-    from tvm.rpc import base
+    """Ask the tracker for a board of ``key`` as a genuine client does (the team key proven):
+    (host, port, matchkey) of the board."""
+    from host.tracker.client import request_board
 
-    with socket.create_connection(("127.0.0.1", tracker_port), timeout=timeout) as sock:
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
-        base.sendjson(sock, [base.TrackerCode.REQUEST, key, "fault-test", 1])
-        value = base.recvjson(sock)
-    assert value[0] == base.TrackerCode.SUCCESS, value
-    host, port, matchkey = value[1]
-    return host, port, matchkey
+    offer = request_board(("127.0.0.1", tracker_port), key, time.monotonic() + timeout)
+    return offer.host, offer.port, offer.matchkey
+
+
+def client_words(matchkey: str) -> str:
+    """``client:<matchkey> -auth=<proof>``: a genuine client's key words (the test session's team key), so a
+    handshake gets past the key and proof checks to the option parser."""
+    from device_agent.auth import handshake_key, load_team_key, session_proof, workstation_key_path
+
+    team = load_team_key(workstation_key_path())
+    return "client:" + handshake_key(matchkey, session_proof(team, matchkey))
 
 
 def handshake(words: bytes, keylen: int | None = None, magic: int = RPC_MAGIC) -> bytes:
@@ -132,7 +137,7 @@ def test_bad_timeout_option_does_not_kill_the_agent(peers, value):
                                EDGETUNE_MAX_SESSION_SEC=str(SHORT_SESSION_SEC))
     _host, port, matchkey = take_matchkey(tracker.port, "optkey")
     with socket.create_connection(("127.0.0.1", port), timeout=SHORT_SESSION_SEC + 5) as sock:
-        sock.sendall(handshake(f"client:{matchkey} -timeout={value}".encode()))
+        sock.sendall(handshake(f"{client_words(matchkey)} -timeout={value}".encode()))
         code = struct.unpack("<i", recv_exact(sock, 4))[0]
         # Refused, or a session the board ends within its own limit (the value clamped to it).
         assert code in (RPC_CODE_SUCCESS, RPC_CODE_MISMATCH), hex(code)
@@ -337,7 +342,7 @@ def test_handshake_fuzz(peers):
     sent = 0
     while sent < FUZZ_CASES and time.monotonic() - start < FUZZ_BUDGET_SEC:
         case_start = time.monotonic()
-        kind, payload = fuzz_case(rng, f"client:{matchkey}".encode())
+        kind, payload = fuzz_case(rng, client_words(matchkey).encode())
         code = send_handshake(port, payload, reply_wait=5.0, half_close=True)
         replies["closed" if code is None else "success" if code == RPC_CODE_SUCCESS else "refused"] += 1
         sent += 1
@@ -346,7 +351,7 @@ def test_handshake_fuzz(peers):
             # or at once when the options were refused); take it so later cases reach the parser too.
             try:
                 _host, port, matchkey = take_matchkey(tracker.port, "fuzzkey", timeout=5)
-            except (OSError, AssertionError, ValueError):
+            except (OSError, AssertionError, ValueError, EdgetuneError):
                 pass
         counts[kind] = counts.get(kind, 0) + 1
         seconds[kind] = seconds.get(kind, 0.0) + time.monotonic() - case_start

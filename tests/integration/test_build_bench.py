@@ -105,7 +105,7 @@ def test_a_plain_tvm_server_has_no_onnxruntime_and_bench_says_so(peers, tmp_path
     from host.models.onnx_import import load_onnx
     from tests.peers import start_stock_server
 
-    tracker = peers.tracker(advertise=False)
+    tracker = peers.tracker(advertise=False, args=("--allow-plain-key", "stockkey"))  # a stock server has no team key
     server = start_stock_server(tmp_path / "peers", "stockkey", f"127.0.0.1:{tracker.port}")
     try:
         wait_registered(tracker.port, "stockkey")

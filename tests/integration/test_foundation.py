@@ -101,7 +101,7 @@ def test_agent_without_tracker_finds_it_by_mdns(peers):
 
 
 def test_stock_tvm_server_listed_as_plain_board(peers):
-    tracker = peers.tracker()
+    tracker = peers.tracker(args=("--allow-plain-key", "phone"))  # a stock server holds no team key
     stock = peers.stock_server("phone", f"127.0.0.1:{tracker.port}")
     wait_registered(tracker.port, "phone", timeout=60)
     rows = [r for r in devices(tracker.port)["boards"] if r["key"] == "phone"]
