@@ -26,6 +26,7 @@ COMMANDS = {
     "bench": "host.bench.command:bench",
     "report": "host.report.command:report",
     "demo": "host.demo.command:demo",
+    "android": "host.android.command:android",
 }
 
 SHORT_HELP = {
@@ -41,6 +42,7 @@ SHORT_HELP = {
     "bench": "Measure on-board latency, tuned against untuned.",
     "report": "Convergence plots and tables of a tuning log (PNG + HTML).",
     "demo": "The whole loop on this machine: tracker, agent, tune, build, flash, bench.",
+    "android": "Android phones as boards, over adb: connect a phone.",
 }
 
 
@@ -53,7 +55,12 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module_name, attr = target.split(":")
-        return getattr(importlib.import_module(module_name), attr)
+        command = getattr(importlib.import_module(module_name), attr)
+        if cmd_name == "flash":  # phones: --adb SERIAL --dest DIR, implemented in host/android
+            from .android.command import with_adb_flash
+
+            command = with_adb_flash(command)
+        return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

@@ -55,3 +55,13 @@ BENCH_SESSION_SEC = _seconds("BENCH_SESSION_SEC", 300.0)
 PROCESS_START_SEC = _seconds("PROCESS_START_SEC", 120.0)
 PROCESS_STOP_SEC = _seconds("PROCESS_STOP_SEC", 10.0)
 
+# One adb command that talks to a phone (getprop, shell, reverse, forward, connect). A phone on USB
+# answers in well under a second; starting the adb server first takes a few; a phone on Wi-Fi that
+# dozed off may take several more. A phone that vanished makes adb wait with no end of its own.
+ADB_COMMAND_SEC = _seconds("ADB_COMMAND_SEC", 20.0)
+# `adb push` of a build or of the tvm_rpc binary and its libraries (tens of MB): USB 2 moves about
+# 30 MB/s, Wi-Fi debugging much less.
+ADB_PUSH_SEC = _seconds("ADB_PUSH_SEC", 300.0)
+# After `edgetune android connect` starts tvm_rpc on the phone, how long it may take to appear at the
+# tracker (it registers within a second or two of starting).
+ANDROID_REGISTER_SEC = _seconds("ANDROID_REGISTER_SEC", 30.0)

@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import platform
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -79,24 +80,79 @@ def _host_triple_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
 
 
-def _android_compiler(triple: str) -> str:
+# Android: link with the NDK's clang for the phone's API level (--target=aarch64-linux-android35).
+ANDROID_API_ENV = "EDGETUNE_ANDROID_API"
+# The NDK's folder for a triple's libraries (armv7a code links against the "arm" sysroot).
+_NDK_LIB_TRIPLES = {"aarch64": "aarch64-linux-android", "armv7a": "arm-linux-androideabi",
+                    "x86_64": "x86_64-linux-android"}
+_NDK_WRAPPER = re.compile(r"-linux-android(eabi)?(\d+)-clang\+\+$")
+
+
+def _ndk_compiler() -> str:
+    """The NDK's clang++ (``TVM_NDK_CC``, else under ``ANDROID_NDK_HOME``). Raises :class:`EdgetuneError`."""
     explicit = os.environ.get("TVM_NDK_CC")
     if explicit:
         if not shutil.which(explicit) and not os.path.isfile(explicit):
             raise EdgetuneError(f"TVM_NDK_CC={explicit!r} does not exist: point it at the NDK's clang++")
-        return explicit
+        return shutil.which(explicit) or explicit
     ndk = os.environ.get("ANDROID_NDK_HOME")
     if not ndk:
         raise EdgetuneError(
             "Android target needs the NDK's clang: set ANDROID_NDK_HOME to the NDK folder "
-            "(or TVM_NDK_CC to its aarch64-linux-android<API>-clang++)"
+            "(or TVM_NDK_CC to its clang++)"
         )
-    arch = triple.split("-")[0]
-    pattern = os.path.join(ndk, "toolchains", "llvm", "prebuilt", "*", "bin", f"{arch}-linux-android*-clang++")
-    found = sorted(glob.glob(pattern), key=lambda p: int("".join(c for c in p.rsplit("android", 1)[1] if c.isdigit()) or 0))
+    found = sorted(glob.glob(os.path.join(ndk, "toolchains", "llvm", "prebuilt", "*", "bin", "clang++")))
     if not found:
-        raise EdgetuneError(f"no {arch}-linux-android*-clang++ under ANDROID_NDK_HOME={ndk}: check the NDK install")
-    return found[-1]
+        raise EdgetuneError(f"no toolchains/llvm/prebuilt/*/bin/clang++ under ANDROID_NDK_HOME={ndk}: "
+                            "point it at an NDK (r23 or later) folder")
+    return found[0]
+
+
+def _ndk_api_levels(compiler: str, arch: str) -> list[int]:
+    """The API levels the NDK beside ``compiler`` has libraries for ([] when it is not an NDK layout)."""
+    lib_triple = _NDK_LIB_TRIPLES.get("armv7a" if arch.startswith("arm") else arch, "")
+    root = os.path.dirname(os.path.dirname(os.path.realpath(compiler)))
+    folder = os.path.join(root, "sysroot", "usr", "lib", lib_triple)
+    try:
+        return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if lib_triple else []
+    except OSError:
+        return []
+
+
+def android_api_level(target: dict[str, Any]) -> int | None:
+    """The phone API level to link ``target`` for: ``$EDGETUNE_ANDROID_API``, else the lowest of the
+    phones recorded by ``edgetune android connect`` with this target, else None."""
+    raw = os.environ.get(ANDROID_API_ENV)
+    if raw:
+        if not raw.isdigit():
+            raise EdgetuneError(f"{ANDROID_API_ENV}={raw!r} is not an API level: use a number such as 29 "
+                                "(`adb shell getprop ro.build.version.sdk` prints the phone's)")
+        return int(raw)
+    from .android.phones import android_api_for
+
+    return android_api_for(target)
+
+
+def _android_toolchain(target: dict[str, Any]) -> Toolchain:
+    """NDK clang linking for ``--target=<triple><API>``: the phone's API level, lowered to the newest the
+    NDK has (a library linked for API N loads on N and later), else the oldest the NDK has."""
+    triple = str(target["mtriple"])
+    compiler = _ndk_compiler()
+    options = ["-static-libstdc++"]
+    if _NDK_WRAPPER.search(os.path.basename(compiler)):
+        return Toolchain(compiler, tuple(options))  # the NDK's per-API wrapper already names its target
+    api = android_api_level(target)
+    levels = _ndk_api_levels(compiler, triple.split("-")[0])
+    if levels and api is not None and api < levels[0]:
+        raise EdgetuneError(f"the phone runs Android API {api} but the NDK of {compiler} links for API "
+                            f"{levels[0]}-{levels[-1]}: use an older NDK (r25 supports API 19 and later)")
+    if levels:
+        api = levels[0] if api is None else min(api, levels[-1])
+    if api is None:
+        raise EdgetuneError(f"cannot tell which Android API level to link for with {compiler}: run `edgetune "
+                            f"android connect SERIAL` for the phone, or set {ANDROID_API_ENV} (e.g. 29)")
+    base = re.sub(r"\d+$", "", triple)
+    return Toolchain(compiler, (f"--target={base}{api}", *options))
 
 
 def toolchain_for(target: dict[str, Any]) -> Toolchain:
@@ -105,7 +161,7 @@ def toolchain_for(target: dict[str, Any]) -> Toolchain:
     triple = str(target.get("mtriple", ""))
     arch = triple.split("-")[0]
     if "android" in triple:
-        return Toolchain(_android_compiler(triple), ("-static-libstdc++",))
+        return _android_toolchain(target)
     if arch == _host_triple_arch():
         compiler, package = "g++", "g++"
     elif arch == "aarch64":

@@ -7,8 +7,9 @@ mode="${1:-test}"
 packages=(g++ make)
 if [ "$mode" = test ]; then
   # sshd for the flashing tests, the aarch64 cross compiler, iproute2 for the emulated board's
-  # network namespace, systemd-analyze and shellcheck to check the deploy files.
-  packages+=(openssh-server g++-aarch64-linux-gnu iproute2 systemd shellcheck)
+  # network namespace, systemd-analyze and shellcheck to check the deploy files, adb (client and server)
+  # for the Android tests.
+  packages+=(openssh-server g++-aarch64-linux-gnu iproute2 systemd shellcheck adb)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -32,7 +32,11 @@ def devices(as_json: bool, tracker: str | None, timeout: float | None) -> None:
         if tracker:
             raise
         addr, note = None, str(err)
+    from ..android.devices import PhoneSearch
+
+    phones = PhoneSearch(timeout)  # Android phones (Wireless debugging on mDNS, adb), beside the board search
     boards, tracker_note = find_boards(timeout, addr)
+    boards = phones.merge(boards, None if tracker_note else addr)
     if tracker_note and (tracker or os.environ.get("EDGETUNE_TRACKER")):
         raise EdgetuneError(tracker_note)  # the tracker the user named does not answer
     note = tracker_note or note

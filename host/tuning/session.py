@@ -183,9 +183,14 @@ def _history_callback(progress: _Progress):
 
 
 def resolve_board_target(key: str, timeout: float | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The target (and TXT record) advertised by an agent of ``key`` on mDNS, or None."""
+    """The target and board profile of a phone of ``key`` recorded by `edgetune android connect`, else the
+    target (and TXT record) advertised by an agent of ``key`` on mDNS, else None."""
+    from ..android.phones import recorded_target
     from ..discovery.browse import browse_boards
 
+    phone = recorded_target(key)  # a phone set up by `edgetune android connect` (plain TVM RPC, no agent)
+    if phone is not None:
+        return phone
     seen = browse_boards(config.DISCOVERY_SEC if timeout is None else timeout)
     records = [entry.record for entry in seen.values() if entry.record.key == key]
     if not records:
