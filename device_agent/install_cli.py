@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from . import store as store_mod
+from .install_answer import InstallAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,12 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _answer(answer: InstallAnswer) -> NoReturn:
+    """Print the install answer (the contract `edgetune flash` reads) and exit with its status."""
+    click.echo(answer.to_json())
+    sys.exit(answer.exit_status)
+
+
 @click.command()
 @click.argument("pkg", type=click.Path())
 @store_option
@@ -53,8 +60,8 @@ def install(pkg: str, store: str | None, trust_dir: str | None, allow_downgrade:
     A package built before the installed one is refused (an old signed package cannot be put back by
     whoever holds a copy); go back with `edgetune-agent rollback`, or pass --allow-downgrade.
 
-    With --json the answer is always one JSON object on stdout: exit 0 when installed, 1 when refused,
-    2 on an internal error (-v logs its traceback).
+    With --json the answer is always one JSON object on stdout (the install answer `edgetune flash`
+    reads): exit 0 when installed, 1 when refused, 2 on an internal error (-v logs its traceback).
 
     \b
     Example:
@@ -73,8 +80,7 @@ def install(pkg: str, store: str | None, trust_dir: str | None, allow_downgrade:
     except store_mod.InstallError as err:
         if not as_json:
             raise
-        _echo_json(err.as_dict())
-        sys.exit(1)
+        _answer(InstallAnswer.refused(err))
     except Exception as err:  # noqa: BLE001 - with --json, `flash` reads an answer whatever happened
         if not as_json:
             raise
@@ -84,14 +90,12 @@ def install(pkg: str, store: str | None, trust_dir: str | None, allow_downgrade:
         except Exception:  # noqa: BLE001 - the answer matters more than naming the current slot
             current = None
         reason = (str(err).splitlines() or [""])[0][:200]
-        _echo_json(store_mod.InstallError(
+        _answer(InstallAnswer.failed(
             last_step[0], f"internal error ({type(err).__name__}: {reason}): please report it with the command you ran",
-            current=current,
-        ).as_dict())
-        sys.exit(2)
+            current,
+        ))
     if as_json:
-        _echo_json(result.as_dict())
-        return
+        _answer(InstallAnswer.installed(result))
     check = result.self_check
     click.echo(f"installed {result.model_name} (key {result.key}) as {result.slot}")
     click.echo(f"self-check passed: max abs error {check.max_abs_err:.3g}, p50 {check.p50_ms:.3f} ms, "

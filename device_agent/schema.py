@@ -2,15 +2,22 @@
 
 - the mDNS TXT record a board advertises under ``_edgetune._tcp`` (:class:`BoardRecord`);
 - the service types both sides browse;
-- the package manifest (:mod:`device_agent.manifest` builds on the constants here).
+- the package manifest (:mod:`device_agent.manifest` builds on the constants here);
+- the install answer `edgetune flash` reads back from a board (:mod:`device_agent.install_answer`).
 
 A TXT value is at most 255 bytes (RFC 6763 §6.1); :meth:`BoardRecord.to_txt` refuses longer ones
 instead of letting zeroconf truncate them silently.
+
+Anyone on the LAN can advertise a TXT record, so :meth:`BoardRecord.from_txt` cleans every string it
+reads with :func:`clean_text`: what the workstation prints, logs or writes to a file never carries a
+terminal escape, a control character or a line break from the network.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +27,35 @@ EDGETUNE_SERVICE = "_edgetune._tcp.local."
 TRACKER_SERVICE = "_tvm-tracker._tcp.local."
 TXT_VERSION = "1"
 _MAX_TXT_VALUE = 255
+# What the agent makes (uuid4 hex) and more: letters, digits, '.', '_' and '-'. A board id names a board
+# in the workstation's known-boards file, one per line, so it holds no white space.
+_BOARD_ID = re.compile(r"[0-9A-Za-z._-]{1,64}")
+
+# Terminal escape sequences: CSI (ESC [ ... final byte), OSC/DCS/APC/PM/SOS strings up to BEL or ST,
+# and two-byte ESC sequences; the 8-bit CSI (0x9b) too. Removed whole, so no parameter bytes remain.
+_ESCAPE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"
+    r"|(?:\x1b[\]PX^_]|[\x90\x9d\x98\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -~]?"
+)
+# Unicode categories shown as '?': control (C0, DEL, C1), format (bidi overrides, zero-width),
+# line/paragraph separators, surrogates.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def clean_text(value: str) -> str:
+    """``value`` safe to print or log on one line: terminal escape sequences removed, every other
+    control or format character (newlines, tabs, bidi overrides included) replaced by ``?``.
+
+    The one sanitiser of strings that come from the network (mDNS TXT records, a board's answers).
+    """
+    value = _ESCAPE.sub("", value)
+    return "".join("?" if unicodedata.category(c) in _UNPRINTABLE else c for c in value)
+
+
+def is_clean_text(value: str) -> bool:
+    """True when :func:`clean_text` would leave ``value`` unchanged."""
+    return clean_text(value) == value
 
 
 def check_key(key: str) -> str:
@@ -113,7 +149,7 @@ class BoardRecord:
     def from_txt(cls, props: dict[bytes | str, bytes | str | None]) -> "BoardRecord":
         """Parse a TXT record as zeroconf returns it. Raises :class:`AgentError` on a foreign or broken one."""
         txt = {
-            (k.decode() if isinstance(k, bytes) else k): (
+            clean_text(k.decode(errors="replace") if isinstance(k, bytes) else k): clean_text(
                 (v.decode(errors="replace") if isinstance(v, bytes) else v) or ""
             )
             for k, v in props.items()
@@ -130,6 +166,9 @@ class BoardRecord:
             raise AgentError(f"broken edgetune TXT record ({err}): restart the board's agent") from None
         for attr in ("features", "mattr"):
             values[attr] = tuple(x for x in values[attr].split(",") if x)
+        if not _BOARD_ID.fullmatch(values["board_id"]):
+            raise AgentError(f"broken edgetune TXT record (board id {values['board_id'][:70]!r} is not 1-64 letters, "
+                             "digits, '.', '_' or '-'): restart the board's agent")
         known = {k for k, _ in cls._FIELDS} | {"v"}
         values["extra"] = {k: v for k, v in txt.items() if k not in known}
         return cls(**values)

@@ -1,8 +1,13 @@
 """Boards found by mDNS, merged with what the tracker knows (free / busy / not registered).
 
-A board is one row whatever number of addresses it answers on: rows are keyed by the board id from
-its TXT record. Plain TVM RPC servers (no agent, e.g. an Android phone running TVM's RPC app) are
-known only to the tracker and are listed too, marked as such.
+A board is one row whatever number of addresses it answers on: one advertisement (mDNS service
+instance) per board id. Plain TVM RPC servers (no agent, e.g. an Android phone running TVM's RPC app)
+are known only to the tracker and are listed too, marked as such.
+
+Anyone on the LAN can advertise, so a board id advertised by two services, or a name used by two
+board ids, is a conflict: each of those rows says so in ``conflict`` (one may be an impostor), and
+``flash`` skips them until the user picks one by address. TXT strings are cleaned where they are
+parsed (:meth:`device_agent.schema.BoardRecord.from_txt`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
 
 from device_agent.errors import AgentError
 from device_agent.mdns import open_zeroconf
-from device_agent.schema import EDGETUNE_SERVICE, BoardRecord
+from device_agent.schema import EDGETUNE_SERVICE, BoardRecord, clean_text
 
 from .. import config
 from ..errors import EdgetuneError, TrackerUnreachable
@@ -40,6 +45,8 @@ class Board:
     record: BoardRecord | None = None
     status: str = UNKNOWN  # free | busy | not registered | unknown (no tracker)
     agent: bool = True  # False: a plain TVM RPC server seen only through the tracker
+    service: str | None = None  # the mDNS service instance that advertised it
+    conflict: str | None = None  # another advertisement claims its board id or its name
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -50,6 +57,8 @@ class Board:
             "rpc_port": self.rpc_port,
             "status": self.status,
             "agent": self.agent,
+            "service": self.service,
+            "conflict": self.conflict,
         }
         if self.record is not None:
             rec = self.record
@@ -68,7 +77,8 @@ class _Seen:
 
 
 def browse_boards(timeout: float, zc: Zeroconf | None = None) -> dict[str, _Seen]:
-    """Listen ``timeout`` seconds for ``_edgetune._tcp`` boards; board id -> record and addresses.
+    """Listen ``timeout`` seconds for ``_edgetune._tcp`` boards; service instance name -> record and
+    addresses (a board id may come in several: see :func:`merge`).
 
     Raises :class:`EdgetuneError` when mDNS cannot run here.
     """
@@ -101,14 +111,14 @@ def browse_boards(timeout: float, zc: Zeroconf | None = None) -> dict[str, _Seen
                 if info is None:
                     continue
                 resolved.add(name)
+                service = clean_text(name)
                 try:
                     record = BoardRecord.from_txt(info.properties)
                 except AgentError as err:
-                    logger.warning("ignoring %s: %s", name, err)
+                    logger.warning("ignoring %s: %s", service, err)
                     continue
-                addresses = info.parsed_addresses(IPVersion.V4Only)
-                entry = seen.setdefault(record.board_id or name, _Seen(record))
-                for address in addresses:
+                entry = seen.setdefault(service, _Seen(record))
+                for address in info.parsed_addresses(IPVersion.V4Only):
                     if address not in entry.addresses:
                         entry.addresses.append(address)
             if time.monotonic() >= deadline:
@@ -129,14 +139,16 @@ def _status_of(server: dict[str, Any], queue: dict[str, Any]) -> str:
 
 
 def merge(seen: dict[str, _Seen], summary: dict[str, Any] | None) -> list[Board]:
-    """One row per board: mDNS boards with their tracker status, then tracker-only (plain TVM) servers."""
+    """One row per advertisement: mDNS boards with their tracker status (conflicts flagged), then
+    tracker-only (plain TVM) servers."""
     boards: list[Board] = []
-    for board_id, entry in seen.items():
+    for service, entry in seen.items():
         rec = entry.record
         boards.append(Board(
-            name=rec.name, key=rec.key, addresses=entry.addresses, rpc_port=rec.rpc_port, board_id=board_id,
-            record=rec, status=UNKNOWN if summary is None else NOT_REGISTERED,
+            name=rec.name, key=rec.key, addresses=entry.addresses, rpc_port=rec.rpc_port, board_id=rec.board_id,
+            record=rec, status=UNKNOWN if summary is None else NOT_REGISTERED, service=service,
         ))
+    flag_conflicts(boards)
     if summary is None:
         return boards
     queue_info = summary.get("queue_info", {})
@@ -160,6 +172,26 @@ def merge(seen: dict[str, _Seen], summary: dict[str, Any] | None) -> list[Board]
         boards.append(Board(name=f"{ip}:{port}", key=key, addresses=[ip] if ip else [], rpc_port=port or 0,
                             status=status, agent=False))
     return boards
+
+
+def _where(board: Board) -> str:
+    return f"{board.service or board.name} at {', '.join(board.addresses) or 'no address'}"
+
+
+def flag_conflicts(boards: list[Board]) -> None:
+    """Set ``conflict`` on every advertised board whose board id is advertised by another service, or
+    whose name another board id uses: one of them may be an impostor, so none of them is trusted by name."""
+    advertised = [b for b in boards if b.board_id is not None]
+    for board in advertised:
+        same_id = [b for b in advertised if b.board_id == board.board_id]
+        same_name = [b for b in advertised if b.name == board.name and b.board_id != board.board_id]
+        if len(same_id) > 1:
+            board.conflict = (f"board id {board.board_id} is advertised {len(same_id)} times "
+                              f"({'; '.join(_where(b) for b in same_id)})")
+        elif same_name:
+            named = [board, *same_name]
+            board.conflict = (f"{len(named)} boards are named {board.name!r} "
+                              f"({'; '.join(f'id {b.board_id} by {_where(b)}' for b in named)})")
 
 
 def find_boards(timeout: float | None = None, tracker: TrackerAddr | None = None) -> tuple[list[Board], str | None]:

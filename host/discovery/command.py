@@ -48,7 +48,7 @@ def devices(as_json: bool, tracker: str | None, timeout: float | None) -> None:
     for b in boards:
         rec = b.record
         rows.append([
-            b.name, b.key, b.status, ",".join(b.addresses), b.rpc_port,
+            f"! {b.name}" if b.conflict else b.name, b.key, b.status, ",".join(b.addresses), b.rpc_port,
             rec.arch if rec else "?", (f"{rec.cpu} x{rec.cores}" if rec else "plain TVM RPC (no agent)"),
             ",".join(rec.features[:6]) if rec else "",
         ])
@@ -58,5 +58,9 @@ def devices(as_json: bool, tracker: str | None, timeout: float | None) -> None:
         click.echo("No boards found. Start `edgetune-agent serve --key K` on a board (see README: troubleshooting).")
     if addr:
         click.echo(f"\ntracker: {addr[0]}:{addr[1]}")
+    for b in boards:
+        if b.conflict:
+            click.echo(f"warning: ! {b.name}: {b.conflict}: one may be an impostor; `edgetune flash` skips it "
+                       "until you pick the board by address (--host ADDRESS)", err=True)
     if note:
         click.echo(f"note: {note}", err=True)

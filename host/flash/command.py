@@ -7,51 +7,10 @@ import click
 from .. import config
 from ..cliutil import emit, json_option, table
 from ..errors import EdgetuneError
-from .ssh import (DEFAULT_AGENT_COMMAND, DEFAULT_KNOWN_HOSTS, DEFAULT_REMOTE_DIR, FlashInterrupted, FlashResult,
-                  FlashTarget, flash as run_flash)
-
-
-def _parse_host(value: str, default_port: int) -> tuple[str, int]:
-    """``HOST``, ``HOST:PORT`` or ``[V6]:PORT``."""
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif value.count(":") == 1:
-        host, _, port = value.partition(":")
-    else:
-        host, port = value, ""
-    if not host or (port and (not port.isdigit() or not 0 < int(port) < 65536)):
-        raise EdgetuneError(f"--host {value!r} is not HOST or HOST:PORT (e.g. --host 192.168.1.20:22)")
-    return host, int(port) if port else default_port
-
-
-def _discovered(device: str | None, key: str | None, all_boards: bool, timeout: float) -> list[tuple[str, str]]:
-    """(name, address) of the boards chosen by --device / --key, found by mDNS."""
-    from ..discovery.browse import find_boards
-
-    found = find_boards(timeout)
-    boards = found[0] if isinstance(found, tuple) else found
-    if device:
-        chosen = [b for b in boards if device in (b.name, getattr(b, "board_id", None))]
-        if not chosen:
-            names = ", ".join(sorted(b.name for b in boards)) or "none"
-            raise EdgetuneError(f"no board named {device!r} answered on mDNS within {timeout:g} s (found: {names}): "
-                                "check it runs `edgetune-agent serve`, or pass --host ADDRESS")
-    else:
-        chosen = [b for b in boards if b.key == key]
-        if not chosen:
-            raise EdgetuneError(f"no board with key {key!r} answered on mDNS within {timeout:g} s: "
-                                f"check they run `edgetune-agent serve --key {key}`, or pass --host ADDRESS")
-        if len(chosen) > 1 and not all_boards:
-            names = ", ".join(b.name for b in chosen)
-            raise EdgetuneError(f"{len(chosen)} boards have key {key!r} ({names}): pass --all to flash every one, "
-                                "or --device NAME for one")
-    picked = []
-    for board in chosen:
-        if not board.addresses:
-            raise EdgetuneError(f"board {board.name} has no address on mDNS: pass --host ADDRESS")
-        picked.append((board.name, board.addresses[0]))
-    return picked
+from .known_boards import DEFAULT_KNOWN_BOARDS
+from .ssh import DEFAULT_AGENT_COMMAND, DEFAULT_KNOWN_HOSTS, DEFAULT_REMOTE_DIR, FlashInterrupted, FlashResult
+from .ssh import flash as run_flash
+from .targets import by_address, by_mdns
 
 
 def _render(results: list[FlashResult]) -> str:
@@ -80,9 +39,12 @@ def _render(results: list[FlashResult]) -> str:
 @click.option("--port", type=int, default=22, show_default=True, help="SSH port (when HOST gives none).")
 @click.option("--known-hosts", default=DEFAULT_KNOWN_HOSTS, show_default=True, type=click.Path(dir_okay=False),
               help="known_hosts file the boards' host keys are checked against.")
+@click.option("--known-boards", default=DEFAULT_KNOWN_BOARDS, show_default=True, type=click.Path(dir_okay=False),
+              help="File binding each board id (from mDNS) to the SSH host key it first presented; a board id "
+                   "at a host with another key is refused.")
 @click.option("--trust-new-host", is_flag=True,
-              help="Accept a board whose host key is unknown and record it in --known-hosts (a changed key is "
-                   "still refused).")
+              help="Accept a board whose host key is unknown and record it in --known-hosts (a changed key, or "
+                   "a board id known with another key, is still refused).")
 @click.option("--agent-command", default=DEFAULT_AGENT_COMMAND, show_default=True,
               help="How to run the agent on the boards (e.g. /opt/edgetune/venv/bin/edgetune-agent).")
 @click.option("--store", help="The agent's store directory on the boards (default: the agent's).")
@@ -91,13 +53,16 @@ def _render(results: list[FlashResult]) -> str:
 @click.option("--timeout", type=float, default=None, help="Seconds to look for boards on mDNS (default 3).")
 @json_option
 def flash(pkg: str, hosts: tuple[str, ...], device: str | None, key: str | None,
-          all_boards: bool, user: str, identity: str | None, port: int, known_hosts: str, trust_new_host: bool,
-          agent_command: str, store: str | None, remote_dir: str, timeout: float | None, as_json: bool) -> None:
+          all_boards: bool, user: str, identity: str | None, port: int, known_hosts: str, known_boards: str,
+          trust_new_host: bool, agent_command: str, store: str | None, remote_dir: str, timeout: float | None,
+          as_json: bool) -> None:
     """Install a package on one board or every board of a key, over SSH.
 
     Each board verifies the signature and files, checks the package suits its CPU, switches to it
-    atomically and runs a self-check, rolling back to the previous model if it fails. Exits
-    non-zero if any board failed.
+    atomically and runs a self-check, rolling back to the previous model if it fails. A board counts
+    as flashed only when its answer names this package. Boards found by mDNS are flashed only at a
+    host presenting the SSH host key their board id first had; a board id or name advertised twice is
+    not flashed (pick the board with --host). Exits non-zero if any board failed.
 
     \b
     Example:
@@ -110,24 +75,29 @@ def flash(pkg: str, hosts: tuple[str, ...], device: str | None, key: str | None,
     if all_boards and not key:
         raise EdgetuneError("--all goes with --key KEY (every board of that key)")
     if hosts:
-        named = [(value, value) for value in hosts]
+        plan = by_address(hosts, user, identity, port)
     else:
-        named = _discovered(device, key, all_boards, config.DISCOVERY_SEC if timeout is None else timeout)
-    targets = []
-    for name, address in named:
-        host, board_port = _parse_host(address, port)
-        targets.append(FlashTarget(name=name, host=host, port=board_port, user=user, key_file=identity))
+        from ..discovery.browse import find_boards
+
+        seconds = config.DISCOVERY_SEC if timeout is None else timeout
+        boards, _note = find_boards(seconds)
+        plan = by_mdns(boards, device, key, all_boards, seconds, user, identity, port)
 
     def on_progress(board: str, message: str) -> None:
         if not as_json:
             click.echo(f"{board}: {message}", err=True)
 
+    for skipped in plan.skipped:
+        on_progress(skipped.name, f"failed: {skipped.error}")
+    results = list(plan.skipped)
     try:
-        results = run_flash(pkg, targets, known_hosts=known_hosts, trust_new_host=trust_new_host,
-                            agent_command=agent_command, store=store, remote_dir=remote_dir, on_progress=on_progress)
+        if plan.targets:
+            results += run_flash(pkg, plan.targets, known_hosts=known_hosts, known_boards=known_boards,
+                                 trust_new_host=trust_new_host, agent_command=agent_command, store=store,
+                                 remote_dir=remote_dir, on_progress=on_progress)
     except FlashInterrupted as stop:
         # Every board's outcome first (flashed, or what the interrupt left it in), then exit 130.
-        emit(stop.results, as_json, _render)
+        emit(plan.skipped + stop.results, as_json, _render)
         raise
     emit(results, as_json, _render)
     failed = [r.name for r in results if not r.ok]

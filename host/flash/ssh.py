@@ -2,7 +2,12 @@
 
 Host keys are checked against a known_hosts file; an unknown host is refused unless the caller asks
 to trust new hosts (the key is then recorded in that file), and a changed host key is always
-refused. Each board is flashed in its own thread; one board's failure never stops the others.
+refused. A board found by mDNS comes with its board id, which is bound to the host key it presents
+the first time (:mod:`.known_boards`): that id at a host with another key is refused, with or without
+``--trust-new-host``. Each board is flashed in its own thread; one board's failure never stops the others.
+
+The board's answer is the install answer of :mod:`device_agent.install_answer`, parsed strictly: a
+malformed answer, or one that does not name the package sent (its sha256, model and key), is a failure.
 
 Every wait on a board has a deadline: paramiko's own for connecting and for each upload step, and
 ``SSH_INSTALL_SEC`` for the whole install command, whose output is read up to ``MAX_OUTPUT_BYTES``.
@@ -13,7 +18,6 @@ pending boards unstarted and raises :class:`FlashInterrupted` with every board's
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -23,15 +27,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import paramiko
 
-from device_agent.manifest import PACKAGE_SUFFIX
+from device_agent.errors import AgentError
+from device_agent.install_answer import InstallAnswer, InstallStatus, parse as parse_answer
+from device_agent.manifest import PACKAGE_SUFFIX, Manifest, sha256_file
+from device_agent.schema import clean_text
 
 from .. import config
 from ..errors import EdgetuneError
 from ..package.package import read_package_manifest
+from .known_boards import DEFAULT_KNOWN_BOARDS, KnownBoards, changed
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class FlashTarget:
     port: int = 22
     user: str = "root"
     key_file: str | None = None
+    board_id: str | None = None  # from the board's mDNS record: bound to its SSH host key
 
     @property
     def address(self) -> str:
@@ -72,7 +81,7 @@ class FlashTarget:
 
 @dataclass
 class FlashResult:
-    """What happened on one board. ``install`` is the agent's JSON answer, when there was one."""
+    """What happened on one board. ``install`` is the board's install answer, when it gave a readable one."""
 
     name: str
     address: str
@@ -87,7 +96,8 @@ class FlashResult:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    install: dict[str, Any] | None = None
+    install: InstallAnswer | None = None
+    board_id: str | None = None
 
 
 class FlashInterrupted(KeyboardInterrupt):
@@ -166,19 +176,33 @@ class _KnownHosts:
         self.trust_new = trust_new
         self.lock = threading.Lock()
 
-    def policy(self, notes: list[str]) -> paramiko.MissingHostKeyPolicy:
-        return _Policy(self, notes)
+    def policy(self, notes: list[str], target: FlashTarget, boards: KnownBoards) -> paramiko.MissingHostKeyPolicy:
+        return _Policy(self, notes, target, boards)
 
 
 class _Policy(paramiko.MissingHostKeyPolicy):
-    """RejectPolicy with a sentence that says what to do, or record-on-first-use when asked to."""
+    """RejectPolicy with a sentence that says what to do, or record-on-first-use when asked to.
 
-    def __init__(self, known: _KnownHosts, notes: list[str]) -> None:
+    A board whose id is bound to a host key is judged by that key alone: the same key at a new address
+    is the same board, and another key is refused even when trusting new hosts.
+    """
+
+    def __init__(self, known: _KnownHosts, notes: list[str], target: FlashTarget, boards: KnownBoards) -> None:
         self.known = known
         self.notes = notes
+        self.target = target
+        self.boards = boards
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         fp = key.fingerprint
+        bound = self.boards.lookup(self.target.board_id) if self.target.board_id else None
+        if bound is not None:
+            if not bound.same_key(key):
+                raise changed(bound, self.target.name, key, self.boards.path)
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            self.notes.append(f"new address {hostname} presents the host key board id {bound.board_id} is bound to "
+                              f"({fp}): the same board")
+            return
         if not self.known.trust_new:
             host, _, port = hostname.strip("[").partition("]:")
             scan = f"ssh-keyscan -p {port} {host}" if port else f"ssh-keyscan {hostname}"
@@ -199,6 +223,9 @@ class _Policy(paramiko.MissingHostKeyPolicy):
 @dataclass(frozen=True)
 class _Options:
     known: _KnownHosts
+    boards: KnownBoards
+    package_sha256: str
+    manifest: Manifest
     agent_command: str
     store: str | None
     remote_dir: str
@@ -214,7 +241,7 @@ def _connect(target: FlashTarget, opts: _Options, notes: list[str], watch: _Watc
             client.load_host_keys(str(opts.known.path))
     except (OSError, paramiko.SSHException) as err:
         raise EdgetuneError(f"cannot read known hosts {opts.known.path} ({err}): fix the file or pass --known-hosts FILE") from None
-    client.set_missing_host_key_policy(opts.known.policy(notes))
+    client.set_missing_host_key_policy(opts.known.policy(notes, target, opts.boards))
     explicit_key = target.key_file is not None
     try:
         client.connect(
@@ -253,7 +280,28 @@ def _connect(target: FlashTarget, opts: _Options, notes: list[str], watch: _Watc
             f"cannot connect over SSH to {target.host}:{target.port} ({_reason(err)}): check the board is on, "
             "sshd runs there, and the port"
         ) from None
+    if target.board_id is not None:
+        _bind(client, target, opts, notes)
     return client
+
+
+def _bind(client: paramiko.SSHClient, target: FlashTarget, opts: _Options, notes: list[str]) -> None:
+    """Check the verified host key against the one the board id is bound to, binding it on first use.
+
+    Raises :class:`EdgetuneError` (the connection closed) when the id is bound to another key.
+    """
+    transport = client.get_transport()
+    key = transport.get_remote_server_key() if transport is not None else None
+    if key is None or target.board_id is None:
+        client.close()
+        raise EdgetuneError("the SSH connection dropped before its host key could be checked: flash again")
+    try:
+        entry = opts.boards.bind(target.board_id, target.name, key)
+    except EdgetuneError:
+        client.close()
+        raise
+    if entry is not None:
+        notes.append(f"board id {entry.board_id} bound to host key {entry.fingerprint} in {opts.boards.path}")
 
 
 def _reason(err: Exception) -> str:
@@ -313,27 +361,59 @@ def _check_output_size(command: str, out: bytearray, err: bytearray) -> None:
         )
 
 
-def _parse_answer(status: int, stdout: str, stderr: str, agent_command: str) -> dict[str, Any]:
-    text = stdout.strip()
-    start = text.find("{")
-    if start >= 0:
-        try:
-            data = json.loads(text[start:])
-            if isinstance(data, dict):
-                return data
-        except json.JSONDecodeError:
-            pass
-    if status == 127:
+def _read_answer(status: int, stdout: str, stderr: str, agent_command: str) -> InstallAnswer:
+    """The board's install answer from the command's exit status and output.
+
+    Raises :class:`EdgetuneError` (one line) when there is none, or it is unreadable (see
+    :func:`device_agent.install_answer.parse`), or it contradicts the exit status.
+    """
+    if not stdout.strip():
+        if status == 127:
+            raise EdgetuneError(
+                f"`{agent_command}` was not found on the board (exit 127): install edgetune on it, "
+                "or pass --agent-command with its full path"
+            )
+        tail = clean_text((stderr.strip().splitlines() or ["no output"])[-1])[:300]
+        raise EdgetuneError(f"`{agent_command} install` failed on the board (exit {status}) without an install "
+                            f"answer: {tail}")
+    try:
+        answer = parse_answer(stdout)
+    except AgentError as err:
+        raise EdgetuneError(str(err)) from None
+    if answer.exit_status != status:
         raise EdgetuneError(
-            f"`{agent_command}` was not found on the board (exit 127): install edgetune on it, "
-            "or pass --agent-command with its full path"
+            f"unreadable install answer (it says {answer.status.value}, but the command exited {status}): "
+            "check that --agent-command runs edgetune's `edgetune-agent` on the board"
         )
-    tail = (stderr.strip().splitlines() or stdout.strip().splitlines() or ["no output"])[-1]
-    raise EdgetuneError(f"`{agent_command} install` failed on the board (exit {status}): {tail}")
+    return answer
+
+
+def _take_answer(result: FlashResult, answer: InstallAnswer, opts: _Options) -> None:
+    """Fill ``result`` from the board's answer. Raises :class:`EdgetuneError` for an installed answer
+    that does not name the package sent."""
+    result.install = answer
+    check = answer.self_check
+    if check is not None:
+        result.self_check_ok, result.p50_ms, result.max_abs_err = check.ok, check.p50_ms, check.max_abs_err
+    result.rolled_back = answer.rolled_back
+    result.current = answer.current
+    if answer.status is not InstallStatus.INSTALLED:
+        result.error = answer.error
+        return
+    wrong = answer.mismatch(opts.package_sha256, opts.manifest)
+    if wrong is not None:
+        raise EdgetuneError(
+            f"the install answer is not for the package sent ({wrong}): not counted as installed; check that "
+            "--agent-command runs edgetune's `edgetune-agent` on the board and `edgetune-agent status` there"
+        )
+    result.ok = True
+    result.slot = answer.slot
+    result.model_name = answer.model_name
+    result.notes.extend(answer.warnings)
 
 
 def _flash_one(pkg: Path, size: int, target: FlashTarget, opts: _Options, watch: _Watch) -> FlashResult:
-    result = FlashResult(name=target.name, address=target.address, ok=False)
+    result = FlashResult(name=target.name, address=target.address, ok=False, board_id=target.board_id)
     start = time.monotonic()
 
     def say(msg: str) -> None:
@@ -361,22 +441,7 @@ def _flash_one(pkg: Path, size: int, target: FlashTarget, opts: _Options, watch:
             command += f" --store {shlex.quote(opts.store)}"
         say("installing")
         status, stdout, stderr = _run(client, command, config.SSH_INSTALL_SEC, watch)
-        answer = _parse_answer(status, stdout, stderr, opts.agent_command)
-        result.install = answer
-        check = answer.get("self_check") or {}
-        result.self_check_ok = check.get("ok")
-        result.p50_ms = check.get("p50_ms")
-        result.max_abs_err = check.get("max_abs_err")
-        result.rolled_back = bool(answer.get("rolled_back"))
-        if answer.get("ok"):
-            result.ok = True
-            result.slot = answer.get("slot")
-            result.current = answer.get("slot")
-            result.model_name = answer.get("model_name")
-            result.notes.extend(answer.get("warnings") or [])
-        else:
-            result.current = answer.get("current")
-            result.error = str(answer.get("error") or f"install failed (exit {status})")
+        _take_answer(result, _read_answer(status, stdout, stderr, opts.agent_command), opts)
     except EdgetuneError as err:
         result.error = watch.stop_reason or str(err)
     except (paramiko.SSHException, OSError, EOFError) as err:
@@ -403,6 +468,7 @@ def flash(
     targets: list[FlashTarget],
     *,
     known_hosts: str | os.PathLike[str] | None = None,
+    known_boards: str | os.PathLike[str] | None = None,
     trust_new_host: bool = False,
     agent_command: str = DEFAULT_AGENT_COMMAND,
     store: str | None = None,
@@ -410,6 +476,10 @@ def flash(
     on_progress: Callable[[str, str], None] | None = None,
 ) -> list[FlashResult]:
     """Install ``pkg`` on every target, in parallel; one :class:`FlashResult` per target, in order.
+
+    A target with a ``board_id`` is flashed only on a host presenting the SSH host key that id is bound
+    to in ``known_boards`` (bound on first use). A board counts as flashed only when its install answer
+    is well-formed and names this package (its file's sha256, model and key).
 
     Deadlines: ``SSH_CONNECT_SEC`` for connecting and each upload step, ``SSH_INSTALL_SEC`` for the
     agent's install (its output read up to ``MAX_OUTPUT_BYTES``). ``on_progress(board name, message)``
@@ -422,9 +492,12 @@ def flash(
         raise EdgetuneError("no board to flash: pass --host HOST, --device NAME or --key KEY")
     if not path.is_file():
         raise EdgetuneError(f"package {path} not found: make one with `edgetune package OUT --log DIR -o {path}`")
-    read_package_manifest(path)  # refuse a non-package here rather than on every board
+    manifest = read_package_manifest(path)  # refuse a non-package here rather than on every board
     opts = _Options(
         known=_KnownHosts(Path(known_hosts or DEFAULT_KNOWN_HOSTS).expanduser(), trust_new_host),
+        boards=KnownBoards(Path(known_boards or DEFAULT_KNOWN_BOARDS).expanduser()),
+        package_sha256=sha256_file(path),
+        manifest=manifest,
         agent_command=agent_command,
         store=store,
         remote_dir=remote_dir,
@@ -446,7 +519,7 @@ def flash(
                 logger.debug("flashing %s failed", targets[i].name, exc_info=True)
                 error = f"flashing failed unexpectedly ({type(err).__name__}: {err}): please report it"
                 results[i] = FlashResult(targets[i].name, targets[i].address, ok=False,
-                                         error=watches[i].stop_reason or error)
+                                         error=watches[i].stop_reason or error, board_id=targets[i].board_id)
 
     # Daemon threads rather than a pool: after Ctrl-C nothing waits for a board (a pool's threads are
     # joined when the interpreter exits).
@@ -485,4 +558,5 @@ def _watch(threads: list[threading.Thread], watches: list[_Watch]) -> None:
 def _outcome(result: FlashResult | None, target: FlashTarget, watch: _Watch, missing: str) -> FlashResult:
     if result is not None:
         return result
-    return FlashResult(target.name, target.address, ok=False, error=watch.stop_reason or missing)
+    return FlashResult(target.name, target.address, ok=False, error=watch.stop_reason or missing,
+                       board_id=target.board_id)
