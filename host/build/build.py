@@ -32,10 +32,11 @@ import numpy as np
 from device_agent.schema import target_to_json
 
 from ..errors import EdgetuneError
-from ..logs.tuninglog import TuningLog, mean_run_secs, write_json_atomic
+from ..logs.results import TaskResult, estimated_latency_ms, tally_records
+from ..logs.tuninglog import TuningLog, write_json_atomic
 from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
-from ..tuning.tasks import Task, compile_tuned, extract_tasks, log_layout_rewrite, workload_key
+from ..tuning.tasks import Task, compile_tuned, extract_tasks, log_layout_rewrite
 
 logger = logging.getLogger(__name__)
 
@@ -49,36 +50,30 @@ UNTUNED_COMPARE_RUNS = 3
 
 
 @dataclass
-class TaskCoverage:
-    index: int
-    name: str
-    weight: int
-    flops: float
-    tuned: bool
-    best_us: float | None
-    trials: int
-    flops_share: float  # share of the model's FLOPs (weight x FLOPs) this kernel carries
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "weight": self.weight, "flops": self.flops,
-                "tuned": self.tuned, "best_us": self.best_us, "trials": self.trials,
-                "flops_share": round(self.flops_share, 6)}
-
-
-@dataclass
 class BuildResult:
+    """A build written to ``out_dir``. ``coverage`` holds each task's result from the log (a task without a
+    successful record is a fallback: the build gives it MetaSchedule's default schedule)."""
+
     out_dir: Path
     model: str
     key: str
     target: dict[str, Any]
-    coverage: list[TaskCoverage]
+    coverage: list[TaskResult]
     estimated_latency_ms: float | None
     host_check: dict[str, Any] | None
     files: list[str] = field(default_factory=list)
 
     @property
+    def flops_shares(self) -> list[float]:
+        """Each task's share of the model's FLOPs (weight x FLOPs), in ``coverage`` order."""
+        return flops_shares(self.coverage)
+
+    @property
     def tuned_share(self) -> float:
-        return sum(c.flops_share for c in self.coverage if c.tuned)
+        return sum(share for c, share in zip(self.coverage, self.flops_shares) if c.tuned)
+
+    def coverage_dicts(self) -> list[dict[str, Any]]:
+        return [dict(c.as_dict(), flops_share=round(share, 6)) for c, share in zip(self.coverage, self.flops_shares)]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -86,24 +81,19 @@ class BuildResult:
             "tasks": len(self.coverage), "tuned": sum(1 for c in self.coverage if c.tuned),
             "fallback": sum(1 for c in self.coverage if not c.tuned), "tuned_flops_share": round(self.tuned_share, 6),
             "estimated_latency_ms": self.estimated_latency_ms, "host_check": self.host_check,
-            "coverage": [c.as_dict() for c in self.coverage], "files": self.files,
+            "coverage": self.coverage_dicts(), "files": self.files,
         }
 
 
-def tuned_records(db, tasks: list[Task]) -> dict[int, tuple[float, int]]:
-    """task index -> (best seconds, trials) for tasks with at least one successful record."""
-    by_hash = {t.workload_hash: t.index for t in tasks}
-    best: dict[int, tuple[float, int]] = {}
-    counts: dict[int, int] = {}
-    for record in db.get_all_tuning_records():
-        idx = by_hash.get(workload_key(record.workload.mod))
-        if idx is None:
-            continue
-        counts[idx] = counts.get(idx, 0) + 1
-        latency = mean_run_secs(record.run_secs)
-        if latency is not None and (idx not in best or latency < best[idx][0]):
-            best[idx] = (latency, 0)
-    return {idx: (lat, counts[idx]) for idx, (lat, _) in best.items()}
+def flops_shares(results: list[TaskResult]) -> list[float]:
+    """Each task's share (0..1) of the model's FLOPs, weight x FLOPs over the sum of them."""
+    total = sum((r.flops or 0.0) * r.weight for r in results) or 1.0
+    return [(r.flops or 0.0) * r.weight / total for r in results]
+
+
+def task_coverage(db, tasks: list[Task]) -> list[TaskResult]:
+    """The result of each task in the database ``db``: trials, failures and best record."""
+    return tally_records([TaskResult.of_task(t) for t in tasks], db.get_all_tuning_records())
 
 
 def fallback_database(tasks: list[Task], target, seed: int = 0):
@@ -241,18 +231,13 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
     tuned_db = log.database() if log is not None else ms.database.MemoryDatabase()
     layout_rewrite = log_layout_rewrite(log.session, log.record_count() > 0) if log is not None else True
     tasks = extract_tasks(model.mod, target, layout_rewrite)
-    tuned = tuned_records(tuned_db, tasks)
-    say(f"{len(tuned)} of {len(tasks)} tasks tuned; default schedules for the rest")
-    fallback = fallback_database([t for t in tasks if t.index not in tuned], tvm_target)
+    coverage = task_coverage(tuned_db, tasks)
+    tuned = sum(1 for c in coverage if c.tuned)
+    say(f"{tuned} of {len(tasks)} tasks tuned; default schedules for the rest")
+    fallback = fallback_database([t for t, c in zip(tasks, coverage) if not c.tuned], tvm_target)
     database = ms.database.OrderedUnionDatabase(tuned_db, fallback)
-
-    total_flops = sum(t.flops * t.weight for t in tasks) or 1.0
-    coverage = [TaskCoverage(t.index, t.name, t.weight, t.flops, t.index in tuned,
-                             tuned[t.index][0] * 1e6 if t.index in tuned else None,
-                             tuned.get(t.index, (0.0, 0))[1], t.flops * t.weight / total_flops) for t in tasks]
-    estimated = None
-    if all(c.tuned for c in coverage):
-        estimated = sum(c.weight * (c.best_us or 0.0) for c in coverage) / 1000.0
+    result = BuildResult(Path(out_dir), model.name, key, target, coverage, estimated_latency_ms(coverage), None,
+                         ["model.so", "build.json", "reference/input.npz", "reference/output.npz"])
 
     say("compiling the model")
     try:
@@ -284,11 +269,11 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
             "model": {"name": model.name, "sha256": model.sha256},
             "key": key, "target": target, "board": board, "tvm_version": tvm.__version__,
             "inputs": [s.as_dict() for s in model.inputs], "outputs": [s.as_dict() for s in model.outputs],
-            "coverage": {"tasks": [c.as_dict() for c in coverage], "tuned": sum(1 for c in coverage if c.tuned),
-                         "fallback": sum(1 for c in coverage if not c.tuned),
-                         "tuned_flops_share": sum(c.flops_share for c in coverage if c.tuned),
+            "coverage": {"tasks": result.coverage_dicts(), "tuned": tuned, "fallback": len(coverage) - tuned,
+                         "tuned_flops_share": result.tuned_share,
                          "log": str(Path(log_dir).resolve()) if log_dir else None},
-            "estimated_latency_ms": estimated, "toolchain": toolchain.compiler, "host_check": host_check,
+            "estimated_latency_ms": result.estimated_latency_ms, "toolchain": toolchain.compiler,
+            "host_check": host_check,
             "layout_rewrite": layout_rewrite,
         }
         write_json_atomic(staging / "build.json", info)
@@ -301,8 +286,8 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"wrote {out_dir} for {target_to_json(target)}")
-    return BuildResult(out_dir, model.name, key, target, coverage, estimated, host_check,
-                       ["model.so", "build.json", "reference/input.npz", "reference/output.npz"])
+    result.host_check = host_check
+    return result
 
 
 def read_build(out_dir: str | Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ def build(model: str, key: str, log_dir: str | None, out_dir: str, target_json: 
     from ..models.onnx_import import parse_input_shapes
     from ..toolchain import parse_target
     from ..bench.bench import vs_onnxruntime
+    from ..logs.results import results_table
     from .build import build as run_build
 
     target, board = None, None
@@ -48,10 +49,7 @@ def build(model: str, key: str, log_dir: str | None, out_dir: str, target_json: 
                        on_progress=None if as_json else (lambda m: click.echo(m, err=True)), compare=not no_compare)
 
     def render(r) -> str:
-        rows = [[c.index, c.name, c.weight, "tuned" if c.tuned else "fallback",
-                 f"{c.best_us:.1f}" if c.best_us is not None else "-", c.trials, f"{100 * c.flops_share:.1f}%"]
-                for c in r.coverage]
-        text = table(rows, ["#", "TASK", "WEIGHT", "SCHEDULE", "BEST us", "TRIALS", "FLOPS SHARE"])
+        text = table(*results_table(r.coverage, r.flops_shares))
         tuned = sum(1 for c in r.coverage if c.tuned)
         text += (f"\n\n{tuned}/{len(r.coverage)} tasks tuned, covering {100 * r.tuned_share:.1f}% of the model's FLOPs; "
                  f"the rest use MetaSchedule's default schedule for the target.")

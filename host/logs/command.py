@@ -29,23 +29,19 @@ def show(log_dir: str, as_json: bool) -> None:
     Example:
       edgetune log show runs/rpi4 --json
     """
-    from .ops import show as run_show
-
-    data = run_show(log_dir)
+    from .ops import summarize
+    from .results import results_table
 
     def render(d) -> str:
-        rows = [[t["index"] if t["index"] is not None else "-", t["name"], t["weight"] or "-", t["trials"],
-                 t["failed"], f"{t['best_us']:.1f}" if t["best_us"] is not None else "-",
-                 f"{t['gflops']:.2f}" if t["gflops"] else "-"] for t in d["tasks"]]
-        text = (f"{d['log']}: {d['trials_done']} trials (budget {d['budget']}), key {d['key']!r}, "
-                f"status {d['status']}\n\n")
-        text += table(rows, ["#", "TASK", "WEIGHT", "TRIALS", "FAILED", "BEST us", "GFLOPS"])
-        for t in d["tasks"]:
-            if t["decisions"]:
-                text += f"\n\n{t['name']}:\n" + "\n".join("  " + line for line in t["decisions"])
+        text = (f"{d.log}: {d.trials_done} trials (budget {d.budget}), key {d.key!r}, "
+                f"status {d.status or '-'}\n\n")
+        text += table(*results_table(d.tasks))
+        for t in d.tasks:
+            if t.decisions:
+                text += f"\n\n{t.name}:\n" + "\n".join("  " + line for line in t.decisions)
         return text
 
-    emit(data, as_json, render)
+    emit(summarize(log_dir), as_json, render)
 
 
 @log.command()

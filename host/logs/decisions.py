@@ -17,32 +17,16 @@ Loop and block names: with the workload's IRModule (``mod``), the trace is repla
 names and extents are TVM's own (``i_0``, ``j_1``, ``C_global``). Without it, names are derived from the trace
 alone: original loops are ``loop0``, ``loop1``, ... of their block, and split loops get TVM's ``_0``, ``_1``
 suffixes.
-
-``best_records(log_dir)`` lists, per workload of a tuning log, its best record and how many trials it had.
-A workload is matched to its session task by its structural hash: the decimal ``shash`` that MetaSchedule
-writes as the first field of each line of ``database_workload.json`` is the same 64-bit value as
-``tvm_ffi.structural_hash(workload.mod)``; edgetune's ``session.json`` stores it as 16 lowercase hex digits
-(``workload_hash``), which is the key used here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-from pathlib import Path
-from typing import Any, Iterator
-
-from host.errors import EdgetuneError
+from typing import Any
 
 log = logging.getLogger(__name__)
-
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
-SESSION_FILE = "session.json"
-# MetaSchedule records a failed measurement with this run time (seconds); anything at or above it failed.
-FAILED_RUN_SECS = 1e9
 
 # Annotation key -> the ``kind`` of an ``unroll`` entry. The first two are the schedule rule's sampled limit
 # (the value is a max step); the post-processors turn them into the two pragmas on the outer loop.
@@ -54,10 +38,6 @@ _UNROLL_KEYS = {
 }
 _TILE_SAMPLERS = ("SamplePerfectTile", "SamplePartitionedTile")
 _LOOP_KINDS = {"Parallel": "parallel", "Vectorize": "vectorize", "Unroll": "unrolled_loops"}
-
-
-class DecisionsError(EdgetuneError):
-    """A tuning log or trace could not be read."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,204 +396,3 @@ def describe_decisions(d: dict[str, Any]) -> list[str]:
         lines.append(f"{a['on']}: {a['key']} = {a['value']}")
     return lines
 
-
-# ----------------------------------------------------------------------------------------------------
-# Best records of a tuning log
-
-
-@dataclasses.dataclass
-class BestRecord:
-    """The best measured record of one workload of a tuning log.
-
-    ``latency_us`` is the mean of the record's ``run_secs``, in microseconds; ``trials`` counts every record of
-    the workload in the database (``failed`` of them without a usable run time). ``task`` / ``task_index``
-    come from session.json when its task's ``workload_hash`` matches ``workload_hash`` (16 hex digits of
-    the workload's structural hash); otherwise they are ``None``. ``record`` is the
-    ``tvm.s_tir.meta_schedule.database.TuningRecord`` (``None`` when every trial failed).
-    """
-
-    workload_index: int
-    workload_hash: str
-    task: str | None
-    task_index: int | None
-    latency_us: float | None
-    trials: int
-    failed: int
-    record: Any = dataclasses.field(default=None, repr=False)
-
-    @property
-    def mod(self) -> Any:
-        return self.record.workload.mod if self.record is not None else None
-
-    @property
-    def function(self) -> str | None:
-        """The ``global_symbol`` of the workload's function (tune_tir keeps the kernel's own name)."""
-        if self.record is None:
-            return None
-        return function_name(self.mod)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "record"}
-        out["function"] = self.function
-        if self.record is not None:
-            out["decisions"] = decisions_dict(self.record.trace, self.mod)
-        return out
-
-
-def mean_run_us(run_secs: Any) -> float | None:
-    """Mean of a record's ``run_secs`` in microseconds; ``None`` when the measurement failed."""
-    if not run_secs:
-        return None
-    secs = [float(_plain(s)) for s in run_secs]
-    if any(s >= FAILED_RUN_SECS or s < 0 or math.isnan(s) for s in secs):
-        return None
-    return sum(secs) / len(secs) * 1e6
-
-
-def hash_key(value: Any) -> str | None:
-    """A workload hash (int, decimal string of the database, or hex with or without ``0x``) as 16 hex digits."""
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return format(value & 0xFFFFFFFFFFFFFFFF, "016x")
-    text = str(value).strip().lower()
-    try:
-        number = int(text, 16) if text.startswith("0x") or any(c in "abcdef" for c in text) else int(text)
-    except ValueError:
-        return None
-    return format(number & 0xFFFFFFFFFFFFFFFF, "016x")
-
-
-def _read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DecisionsError(
-                    f"{path}:{number} is not valid JSON ({err.msg}): the tuning log is damaged; "
-                    "remove that line or re-run `edgetune tune`"
-                ) from err
-
-
-def read_session(log_dir: str | Path) -> dict[str, Any] | None:
-    """``session.json`` of a tuning log, or ``None`` for a stock MetaSchedule work dir."""
-    path = Path(log_dir) / SESSION_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DecisionsError(
-            f"{path} is not valid JSON ({err.msg}): restore it or re-run `edgetune tune`"
-        ) from err
-
-
-def read_database_rows(log_dir: str | Path) -> tuple[list[str], list[tuple[int, list[Any]]]]:
-    """The raw rows of a MetaSchedule JSON database, in file (= commit) order.
-
-    Returns the workload hashes (16 hex digits, by workload index) and the records as
-    ``(workload_index, [trace, run_secs, target, args_info])``. Raises ``DecisionsError`` when the
-    directory holds no database.
-    """
-    log_dir = Path(log_dir)
-    wl_path, rec_path = log_dir / WORKLOAD_FILE, log_dir / RECORD_FILE
-    if not wl_path.exists() or not rec_path.exists():
-        raise DecisionsError(
-            f"{log_dir} holds no tuning database ({WORKLOAD_FILE}, {RECORD_FILE}): "
-            "run `edgetune tune ... --log DIR` first"
-        )
-    hashes = []
-    for number, row in _read_json_lines(wl_path):
-        if not isinstance(row, list) or not row:
-            raise DecisionsError(f"{wl_path}:{number} is not a workload row: the tuning log is damaged")
-        hashes.append(hash_key(row[0]) or "")
-    records = []
-    for number, row in _read_json_lines(rec_path):
-        well_formed = isinstance(row, list) and len(row) == 2 and isinstance(row[0], int)
-        if not (well_formed and isinstance(row[1], list)):
-            raise DecisionsError(f"{rec_path}:{number} is not a tuning record row: the tuning log is damaged")
-        if not 0 <= row[0] < len(hashes):
-            raise DecisionsError(
-                f"{rec_path}:{number} refers to workload {row[0]}, which {WORKLOAD_FILE} lacks: "
-                "the tuning log is damaged"
-            )
-        records.append((row[0], row[1]))
-    return hashes, records
-
-
-def best_records(log_dir: str | Path) -> list[BestRecord]:
-    """The best record of every workload of a tuning log, in workload order.
-
-    Reads the MetaSchedule database in ``log_dir`` (the best record is the lowest mean ``run_secs``, as
-    MetaSchedule ranks them) and names each workload after its session task when ``session.json`` has one
-    with the same ``workload_hash``. Raises ``DecisionsError`` when there is no database.
-    """
-    from tvm.s_tir import meta_schedule as ms
-
-    log_dir = Path(log_dir)
-    hashes, rows = read_database_rows(log_dir)
-    session = read_session(log_dir) or {}
-    by_hash = {}
-    for task in session.get("tasks", []):
-        key = hash_key(task.get("workload_hash"))
-        if key:
-            by_hash[key] = task
-
-    counts = [0] * len(hashes)
-    failed = [0] * len(hashes)
-    best: dict[int, float] = {}
-    for index, rec in rows:
-        counts[index] += 1
-        latency = mean_run_us(rec[1] if len(rec) > 1 else None)
-        if latency is None:
-            failed[index] += 1
-        elif index not in best or latency < best[index]:
-            best[index] = latency
-
-    db = ms.database.JSONDatabase(work_dir=str(log_dir), allow_missing=False)
-    # Workload order of the database object is not the file's; pair them by structural hash.
-    best_by_hash: dict[str, Any] = {}
-    for record in db.get_all_tuning_records():
-        key = hash_key(_shash(record.workload.mod))
-        latency = mean_run_us(record.run_secs)
-        if latency is None or key is None:
-            continue
-        held = best_by_hash.get(key)
-        if held is None or latency < held[0]:
-            best_by_hash[key] = (latency, record)
-
-    out = []
-    for index, key in enumerate(hashes):
-        task = by_hash.get(key)
-        found = best_by_hash.get(key)
-        out.append(
-            BestRecord(
-                workload_index=index,
-                workload_hash=key,
-                task=task.get("name") if task else None,
-                task_index=task.get("index") if task else None,
-                latency_us=best.get(index),
-                trials=counts[index],
-                failed=failed[index],
-                record=found[1] if found else None,
-            )
-        )
-    return out
-
-
-def function_name(mod: Any) -> str | None:
-    """The ``global_symbol`` of the (first) function of a workload IRModule, unless it is just ``main``."""
-    for func in mod.functions.values():
-        attrs = func.attrs
-        symbol = attrs.get("global_symbol") if attrs is not None else None
-        return str(symbol) if symbol and str(symbol) != "main" else None
-    return None
-
-
-def _shash(mod: Any) -> int:
-    import tvm_ffi
-
-    return int(tvm_ffi.structural_hash(mod))

@@ -9,128 +9,108 @@ from typing import Any
 
 from device_agent.schema import target_to_json
 
-from ..errors import EdgetuneError
+from .format import Status, TuningLogError, workload_key
+from .results import TaskResult, best_records, describe, session_results
 from .tuninglog import TuningLog, now_iso
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TaskBest:
-    index: int | None
-    name: str
-    weight: int | None
-    flops: float | None
-    trials: int
-    failed: int
-    best_us: float | None
-    decisions: list[str]
-    decisions_data: dict[str, Any]
+class LogSummary:
+    """What `edgetune log show` prints: the log's session header and the result of every task."""
 
-    @property
-    def gflops(self) -> float | None:
-        if not self.best_us or not self.flops:
-            return None
-        return self.flops / (self.best_us * 1e-6) / 1e9
+    log: str
+    model: dict[str, Any] | None
+    key: str | None
+    target: dict[str, Any] | None
+    budget: int | None
+    trials_done: int
+    status: Status | None
+    tasks: list[TaskResult]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "weight": self.weight, "flops": self.flops,
-                "trials": self.trials, "failed": self.failed, "best_us": self.best_us, "gflops": self.gflops,
-                "decisions": self.decisions, "decisions_data": self.decisions_data}
+        return {"log": self.log, "model": self.model, "key": self.key, "target": self.target, "budget": self.budget,
+                "trials_done": self.trials_done, "status": self.status, "tasks": [t.as_dict() for t in self.tasks]}
+
+
+def summarize(log_dir: str | Path) -> LogSummary:
+    """Per task: trials, failures, the best record's latency, GFLOPS and its decisions in readable form.
+    Tasks of the session without any record yet are listed too. Raises :class:`TuningLogError`."""
+    log = TuningLog.open(log_dir)
+    session = log.session
+    results = [describe(r) for r in best_records(log)]
+    listed = {r.workload_hash for r in results}
+    results += [r for r in session_results(session) if r.workload_hash not in listed]  # nothing measured yet
+    results.sort(key=lambda r: (r.index is None, r.index if r.index is not None else 0))
+    return LogSummary(str(log.path), session.get("model"), session.get("key"), session.get("target"),
+                      session.get("budget"), log.record_count(), log.status, results)
 
 
 def show(log_dir: str | Path) -> dict[str, Any]:
-    """Per task: the best record's latency, GFLOPS and its decisions in readable form."""
-    from .decisions import best_records, decisions_dict, describe_decisions
-
-    log = TuningLog.open(log_dir)
-    session = log.session
-    tasks = {t.get("workload_hash"): t for t in session.get("tasks", [])}
-    rows: list[TaskBest] = []
-    seen: set[str] = set()
-    with log.snapshot() as folder:  # the complete records only, without writing to the log
-        bests = best_records(folder)
-    for best in bests:
-        task = tasks.get(best.workload_hash, {})
-        seen.add(best.workload_hash)
-        data = decisions_dict(best.record.trace, best.mod) if best.record is not None else {}
-        rows.append(TaskBest(task.get("index"), task.get("name") or best.task or best.function or best.workload_hash,
-                             task.get("weight"), task.get("flops"), best.trials, best.failed, best.latency_us,
-                             describe_decisions(data) if data else [], data))
-    for task in session.get("tasks", []):  # tasks with no record at all yet
-        if task.get("workload_hash") not in seen:
-            rows.append(TaskBest(task.get("index"), task.get("name"), task.get("weight"), task.get("flops"),
-                                 0, 0, None, [], {}))
-    rows.sort(key=lambda r: (r.index is None, r.index if r.index is not None else 0))
-    return {"log": str(log.path), "model": session.get("model"), "key": session.get("key"),
-            "target": session.get("target"), "budget": session.get("budget"),
-            "trials_done": log.record_count(), "status": session.get("status"),
-            "tasks": [r.as_dict() for r in rows]}
-
-
-def _records(log: TuningLog):
-    return list(log.database().get_all_tuning_records())
+    """:func:`summarize` as plain JSON data."""
+    return summarize(log_dir).as_dict()
 
 
 def merge(a: str | Path, b: str | Path, out: str | Path) -> dict[str, Any]:
     """Combine two logs of the same target into ``out`` (a new folder). Identical records are kept once.
 
-    Raises :class:`EdgetuneError` when the targets differ or ``out`` already holds a log.
+    Raises :class:`TuningLogError` when the targets differ or ``out`` already holds a log.
     """
-    import tvm_ffi
+    from tvm.s_tir.meta_schedule.database import TuningRecord
 
     log_a, log_b = TuningLog.open(a), TuningLog.open(b)
     ta, tb = log_a.session.get("target"), log_b.session.get("target")
     if ta and tb and target_to_json(ta) != target_to_json(tb):
-        raise EdgetuneError(f"{a} and {b} are logs of different targets ({target_to_json(ta)} vs "
-                            f"{target_to_json(tb)}): records of different targets never mix")
+        raise TuningLogError(f"{a} and {b} are logs of different targets ({target_to_json(ta)} vs "
+                             f"{target_to_json(tb)}): records of different targets never mix")
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
-        raise EdgetuneError(f"{out_path} is not empty: give a new folder for the merged log")
+        raise TuningLogError(f"{out_path} is not empty: give a new folder for the merged log")
     merged = TuningLog.open(out_path, create=True)
     db = merged.database()
     kept = dropped = 0
-    seen: set[tuple[int, str]] = set()
+    seen: set[tuple[str, str]] = set()
     for log in (log_a, log_b):
-        for record in _records(log):
-            identity = (tvm_ffi.structural_hash(record.workload.mod), str(record.trace))
+        for record in log.database().get_all_tuning_records():
+            identity = (workload_key(record.workload.mod), str(record.trace))
             if identity in seen:
                 dropped += 1
                 continue
             seen.add(identity)
             workload = db.commit_workload(record.workload.mod)
-            from tvm.s_tir.meta_schedule.database import TuningRecord
-
             db.commit_tuning_record(TuningRecord(record.trace, workload, record.run_secs, record.target,
                                                  record.args_info))
             kept += 1
     session = dict(log_a.session or log_b.session)
     session.update(merged_from=[str(Path(a).resolve()), str(Path(b).resolve())], merged=now_iso(),
-                   trials_done=kept, status="merged", runs=[])
+                   trials_done=kept, status=Status.MERGED, runs=[])
     merged.session = session
     merged.save_session()
     history = []
     for log in (log_a, log_b):
         for entry in log.history():
-            entry = dict(entry, source=str(log.path))
-            history.append(entry)
+            history.append(dict(entry, source=str(log.path)))
     for i, entry in enumerate(history, 1):
         entry["trial"] = i
     if history:
         merged.append_history(history)
+    merged.close()
     return {"out": str(out_path), "records": kept, "duplicates_dropped": dropped,
             "target": session.get("target")}
 
 
 def export(log_dir: str | Path, out: str | Path) -> dict[str, Any]:
-    """The best record of each workload as a new MetaSchedule JSON database (what a build needs)."""
+    """The best record of each workload as a new MetaSchedule JSON database (what a build needs).
+    Raises :class:`TuningLogError` when ``out`` already holds something."""
     log = TuningLog.open(log_dir)
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
-        raise EdgetuneError(f"{out_path} is not empty: give a new folder for the export")
+        raise TuningLogError(f"{out_path} is not empty: give a new folder for the export")
     exported = TuningLog.open(out_path, create=True)
     log.database().dump_pruned(exported.database())
     exported.session = dict(log.session, exported_from=str(log.path.resolve()), exported=now_iso(),
-                            trials_done=exported.record_count(), status="exported", runs=[])
+                            trials_done=exported.record_count(), status=Status.EXPORTED, runs=[])
     exported.save_session()
+    exported.close()
     return {"out": str(out_path), "records": exported.record_count(), "target": log.session.get("target")}

@@ -1,13 +1,6 @@
-"""The tuning log directory: MetaSchedule's JSON database plus edgetune's session files.
+"""A tuning log folder, open for reading or for writing (the files are named in :mod:`host.logs.format`).
 
-```
-DIR/database_workload.json       MetaSchedule JSONDatabase (stock TVM reads it)
-DIR/database_tuning_record.json  one line per measured trial, failed ones included
-DIR/session.json                 model hash, board, target, budget used, runs, tasks, cost model
-DIR/history.jsonl                one line per trial: task, time, latency, GFLOPS, error, board
-```
-
-Records of different targets never mix: a DIR belongs to one target and one model, and a session
+Records of different targets never mix: a folder belongs to one target and one model, and a session
 for another is refused.
 
 One writer, many readers. The writer (``TuningLog.open(DIR, create=True)``: `edgetune tune`, and the new
@@ -15,9 +8,9 @@ folder of `edgetune log merge|export`) holds an exclusive ``flock`` on ``DIR/.ed
 as it lives (or until :meth:`TuningLog.close`); a second writer is refused at once, and a killed writer's
 lock goes away with its process. A line cut short by a crash (SIGKILL, power loss) is dropped by the next
 writer when it opens the log, so a resumed session never trips on it. Readers (`edgetune build`, `bench`,
-`log show`, ``--from-log``) never write to DIR: they ignore, in memory, a last line still being appended
-(and any other line that is not JSON) and read the MetaSchedule database from a private copy of its
-complete lines, so a log being tuned can be read at any time and is left byte for byte as it was.
+`report`, `log show`, ``--from-log``) never write to DIR: they ignore, in memory, a last line still being
+appended, and read the MetaSchedule database from a private copy of its complete lines, so a log being
+tuned can be read at any time and is left byte for byte as it was.
 """
 
 from __future__ import annotations
@@ -40,27 +33,24 @@ from typing import Any
 from device_agent.fsutil import write_atomic
 from device_agent.schema import target_to_json
 
-from ..errors import EdgetuneError
+from .format import (
+    FORMAT,
+    HISTORY_FILE,
+    LOCK_FILE,
+    RECORD_FILE,
+    SESSION_FILE,
+    WORKLOAD_FILE,
+    Status,
+    Trial,
+    TuningLogError,
+    complete_lines,
+    read_bytes,
+    read_jsonl,
+    read_session,
+    split_jsonl,
+)
 
 logger = logging.getLogger(__name__)
-
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
-SESSION_FILE = "session.json"
-HISTORY_FILE = "history.jsonl"
-LOCK_FILE = ".edgetune.lock"
-FORMAT = 1
-
-
-def mean_run_secs(run_secs) -> float | None:
-    """Mean of a record's ``run_secs`` in seconds; ``None`` for a failed trial (no times, or MetaSchedule's
-    1e10 failure marker)."""
-    if run_secs is None:
-        return None
-    values = [float(s) for s in run_secs]
-    if not values or max(values) >= 1e9:
-        return None
-    return sum(values) / len(values)
 
 
 def now_iso() -> str:
@@ -72,76 +62,28 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
-def _is_json(line: bytes) -> bool:
-    try:
-        json.loads(line)
-    except ValueError:
-        return False
-    return True
-
-
-def _split_jsonl(raw: bytes) -> tuple[list[bytes], int, bool]:
-    """The complete JSON lines of ``raw`` (without their newline), how many complete lines are not JSON, and
-    whether the last line is torn (no newline and not complete JSON: a write in progress or cut short).
-
-    A last line without its newline that is complete JSON counts as complete: no proper prefix of a JSON
-    array or object line is itself JSON, so it cannot be a write still in progress.
-    """
-    lines = raw.split(b"\n")
-    tail = lines.pop()  # what follows the last newline ("" when the file ends with one)
-    good: list[bytes] = []
-    dropped = 0
-    for line in lines:
-        if not line.strip():
-            continue
-        if _is_json(line):
-            good.append(line)
-        else:
-            dropped += 1
-    torn = False
-    if tail.strip():
-        if _is_json(tail):
-            good.append(tail)
-        else:
-            torn = True
-    return good, dropped, torn
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return b""
-    except OSError as err:
-        raise EdgetuneError(f"cannot read {path} ({err.strerror}): check its permissions") from None
-
-
-def complete_lines(path: Path) -> list[bytes]:
-    """The complete JSON lines of a JSONL file, read without writing: a last line still being appended and
-    lines that are not JSON are left out (in memory only)."""
-    return _split_jsonl(_read_bytes(path))[0]
-
-
 def repair_jsonl(path: Path) -> int:
     """Drop lines that are not complete JSON (a write cut off by a crash). Returns lines dropped.
 
     Only the writer of a log may call this (it rewrites the file): see :meth:`TuningLog.open`.
     """
-    raw = _read_bytes(path)
+    raw = read_bytes(path)
     if not raw:
         return 0
-    good, dropped, torn = _split_jsonl(raw)
-    dropped += int(torn)
+    good, damaged, torn = split_jsonl(raw)
+    dropped = len(damaged) + int(torn)
     if dropped or not raw.endswith(b"\n"):
-        write_atomic(path, b"".join(g + b"\n" for g in good))
+        write_atomic(path, b"".join(line + b"\n" for _, line in good))
         if dropped:
             logger.warning("%s: dropped %d incomplete line(s) left by an interrupted write", path, dropped)
     return dropped
 
 
-def read_jsonl(path: Path) -> list[Any]:
-    """The entries of a JSONL file; a torn last line and lines that are not JSON are skipped."""
-    return [json.loads(line) for line in complete_lines(path)]
+def json_database(folder: Path, allow_missing: bool = False):
+    """Stock MetaSchedule's ``JSONDatabase`` on the two database files of ``folder``."""
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+    return JSONDatabase(str(folder / WORKLOAD_FILE), str(folder / RECORD_FILE), allow_missing=allow_missing)
 
 
 class _WriterLock:
@@ -156,7 +98,7 @@ class _WriterLock:
 
     @classmethod
     def take(cls, folder: Path) -> "_WriterLock":
-        """Lock ``folder`` for writing, or raise :class:`EdgetuneError` naming the process that holds it.
+        """Lock ``folder`` for writing, or raise :class:`TuningLogError` naming the process that holds it.
 
         A writer of this process that still lives shares its lock (a resume in the same process must not
         be refused by a log object not yet collected); another process is refused at once.
@@ -165,7 +107,7 @@ class _WriterLock:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
-            raise EdgetuneError(f"cannot lock the tuning log {folder} ({err.strerror}): check that the folder "
+            raise TuningLogError(f"cannot lock the tuning log {folder} ({err.strerror}): check that the folder "
                                 "is writable, or use another --log") from None
         try:
             st = os.fstat(fd)
@@ -180,7 +122,7 @@ class _WriterLock:
                 except BlockingIOError:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
                     pid = holder if holder.isdigit() else "unknown"
-                    raise EdgetuneError(f"the tuning log {folder} is being written by another `edgetune tune` "
+                    raise TuningLogError(f"the tuning log {folder} is being written by another `edgetune tune` "
                                         f"(pid {pid}): wait for it or use another --log") from None
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -216,7 +158,7 @@ class TuningLog:
 
     @classmethod
     def open(cls, path: str | Path, create: bool = False, *, writer: bool | None = None) -> "TuningLog":
-        """Open a log directory. Raises :class:`EdgetuneError` if it is not one, or if it is to be written
+        """Open a log directory. Raises :class:`TuningLogError` if it is not one, or if it is to be written
         and another process writes it.
 
         ``writer`` (default: ``create``) opens it for writing: the folder is locked against other writers
@@ -227,25 +169,26 @@ class TuningLog:
         writer = create if writer is None else writer
         if not path.exists():
             if not create:
-                raise EdgetuneError(f"tuning log {path} does not exist: run `edgetune tune ... --log {path}` first")
+                raise TuningLogError(f"tuning log {path} does not exist: run `edgetune tune ... --log {path}` first")
             try:
                 path.mkdir(parents=True)
             except OSError as err:
-                raise EdgetuneError(f"cannot create the tuning log folder {path} ({err.strerror}): choose another --log") from None
+                raise TuningLogError(f"cannot create the tuning log folder {path} ({err.strerror}): choose another --log") from None
         elif not path.is_dir():
-            raise EdgetuneError(f"--log {path} is a file, not a folder: give a folder for the tuning log")
+            raise TuningLogError(f"--log {path} is a file, not a folder: give a folder for the tuning log")
         log = cls(path, writer=writer)
         if writer:
             log._lock = _WriterLock.take(path)
         try:
-            log.session = _read_session(path / SESSION_FILE)
+            log.session = read_session(path / SESSION_FILE)
             if log.session is None:
                 log.session = {}
                 if not create and not log.record_file.exists():
-                    raise EdgetuneError(f"{path} holds no tuning log (no {RECORD_FILE}): check the path")
+                    raise TuningLogError(f"{path} holds no tuning log (no {RECORD_FILE}): check the path, or run "
+                                         f"`edgetune tune MODEL --device KEY --trials N --log {path}` first")
             elif log.session.get("format") != FORMAT:
-                raise EdgetuneError(f"{path / SESSION_FILE} has format {log.session.get('format')!r}; this "
-                                    f"edgetune reads {FORMAT}: use the edgetune that wrote it, or another --log")
+                raise TuningLogError(f"{path / SESSION_FILE} has format {log.session.get('format')!r}; this "
+                                     f"edgetune reads {FORMAT}: use the edgetune that wrote it, or another --log")
             if writer:  # only the writer may rewrite a file: no one else appends to it now
                 for file in (log.workload_file, log.record_file, log.history_file):
                     repair_jsonl(file)
@@ -275,24 +218,24 @@ class TuningLog:
         write_json_atomic(self.path / SESSION_FILE, self.session)
 
     def check_compatible(self, model_sha256: str, target: dict[str, Any]) -> None:
-        """Refuse a session for another model or target than the log's. Raises :class:`EdgetuneError`."""
+        """Refuse a session for another model or target than the log's. Raises :class:`TuningLogError`."""
         if not self.session:
             if self.record_file.exists() and self.record_file.stat().st_size > 0:
-                raise EdgetuneError(
+                raise TuningLogError(
                     f"{self.path} holds records from a session edgetune did not write (no {SESSION_FILE}): "
                     "use another --log folder, or pass this one as --from-log"
                 )
             return
         old_target = self.session.get("target")
         if old_target is not None and target_to_json(old_target) != target_to_json(target):
-            raise EdgetuneError(
+            raise TuningLogError(
                 f"{self.path} is a tuning log for target {target_to_json(old_target)}, not {target_to_json(target)}: "
                 "records of different targets never mix: use another --log folder (pass this one as --from-log "
                 "to learn from it)"
             )
         old_model = (self.session.get("model") or {}).get("sha256")
         if old_model and old_model != model_sha256:
-            raise EdgetuneError(
+            raise TuningLogError(
                 f"{self.path} is a tuning log of another model ({(self.session.get('model') or {}).get('name')}, "
                 f"sha256 {old_model[:12]}...): use another --log folder"
             )
@@ -310,8 +253,8 @@ class TuningLog:
         workloads = complete_lines(self.workload_file)
         folder = Path(tempfile.mkdtemp(prefix="edgetune-log-"))
         try:
-            (folder / WORKLOAD_FILE).write_bytes(b"".join(line + b"\n" for line in workloads))
-            (folder / RECORD_FILE).write_bytes(b"".join(line + b"\n" for line in records))
+            (folder / WORKLOAD_FILE).write_bytes(b"".join(line + b"\n" for _, line in workloads))
+            (folder / RECORD_FILE).write_bytes(b"".join(line + b"\n" for _, line in records))
             if self.session:
                 (folder / SESSION_FILE).write_text(json.dumps(self.session))
             yield folder
@@ -325,45 +268,43 @@ class TuningLog:
         (read-only in effect: a commit to it is lost), so that reading neither trips on a record being
         appended nor creates or changes a file.
         """
-        from tvm.s_tir.meta_schedule.database import JSONDatabase
-
         if self.writer:
             self._check_writer("database")
-            return JSONDatabase(str(self.workload_file), str(self.record_file), allow_missing=True)
+            return json_database(self.path, allow_missing=True)
         with self.snapshot() as folder:  # JSONDatabase reads both tables when it is made
-            return JSONDatabase(str(folder / WORKLOAD_FILE), str(folder / RECORD_FILE), allow_missing=False)
+            return json_database(folder)
+
+    @property
+    def status(self) -> Status | None:
+        """The session's status (``None`` for a stock MetaSchedule folder or an unknown status)."""
+        return Status.parse(self.session.get("status"))
 
     def record_count(self) -> int:
         """Complete records (a record being appended is not counted yet)."""
         return len(complete_lines(self.record_file))
 
     def history(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.history_file)
+        """The lines of ``history.jsonl`` as written (see :meth:`trials` for them typed)."""
+        return [entry for _, entry in read_jsonl(self.history_file)]
 
-    def append_history(self, entries: list[dict[str, Any]]) -> None:
+    def trials(self) -> list[Trial]:
+        """The trials of ``history.jsonl``, in the order they were measured. Raises :class:`TuningLogError`
+        naming a line that is not a trial entry."""
+        out = []
+        for position, (number, entry) in enumerate(read_jsonl(self.history_file), start=1):
+            trial = Trial.from_dict(entry, position)
+            if trial is None:
+                raise TuningLogError(f"{self.history_file}:{number} is not a trial entry: the history is damaged; "
+                                     "remove that line")
+            out.append(trial)
+        return out
+
+    def append_history(self, entries: list[Trial] | list[dict[str, Any]]) -> None:
+        """Append trials to ``history.jsonl`` (one line each, flushed to disk). Writer only."""
         self._check_writer("append_history")
         with open(self.history_file, "a") as stream:
             for entry in entries:
-                stream.write(json.dumps(entry, sort_keys=True) + "\n")
+                data = entry.as_dict() if isinstance(entry, Trial) else entry
+                stream.write(json.dumps(data, sort_keys=True) + "\n")
             stream.flush()
             os.fsync(stream.fileno())
-
-
-def _read_session(path: Path) -> dict[str, Any] | None:
-    """``session.json`` as a dict, ``None`` when there is none. Raises :class:`EdgetuneError` (one line)
-    when it cannot be read or is not a JSON object."""
-    what_to_do = "restore it or start a new --log folder"
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise EdgetuneError(f"cannot read {path} ({err.strerror}): {what_to_do}") from None
-    try:
-        data = json.loads(raw)
-    except ValueError:  # UnicodeDecodeError too
-        raise EdgetuneError(f"{path} is damaged (not JSON): {what_to_do}") from None
-    if not isinstance(data, dict):
-        kind = {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(type(data), "a number")
-        raise EdgetuneError(f"{path} is damaged (not a JSON object but {kind}): {what_to_do}")
-    return data

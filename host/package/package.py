@@ -35,14 +35,13 @@ from device_agent.manifest import (
 )
 
 from ..errors import EdgetuneError
+from ..logs.format import LOG_FILES  # the files of a tuning log; those that exist go into the package
 from .keys import load_signing_key
 
 logger = logging.getLogger(__name__)
 
 BUILD_JSON = "build.json"
 BUILD_FORMAT = 1
-# The files of a tuning log directory that go into the package (those that exist).
-LOG_FILES = ("database_workload.json", "database_tuning_record.json", "session.json", "history.jsonl")
 
 
 @dataclass

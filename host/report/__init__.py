@@ -1,5 +1,6 @@
 """Reports of tuning logs: convergence plots (PNG) and a self-contained HTML page."""
 
-from .report import ReportError, ReportResult, TaskSummary, make_report
+from .load import ReportError
+from .report import ReportResult, make_report
 
-__all__ = ["ReportError", "ReportResult", "TaskSummary", "make_report"]
+__all__ = ["ReportError", "ReportResult", "make_report"]

@@ -147,6 +147,8 @@ def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_lo
       edgetune tune model.onnx --device rpi4 --trials 256 --log runs/rpi4
       edgetune tune model.onnx --device rpi4b --trials 128 --log runs/rpi4b --from-log runs/rpi4
     """
+    from ..logs.format import Status
+    from ..logs.results import results_table
     from ..models.onnx_import import parse_input_shapes
     from ..toolchain import parse_target
     from ..tracker.client import resolve_tracker
@@ -164,10 +166,7 @@ def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_lo
     if as_json:
         click.echo(json.dumps({"event": "end", **to_jsonable(result.as_dict())}))
     else:
-        rows = [[t.index, t.name, t.weight, t.trials, t.failed,
-                 f"{t.best_us:.1f}" if t.best_us is not None else "-",
-                 f"{t.gflops:.2f}" if t.gflops else "-"] for t in result.tasks]
-        click.echo(table(rows, ["#", "TASK", "WEIGHT", "TRIALS", "FAILED", "BEST us", "GFLOPS"]))
+        click.echo(table(*results_table(result.tasks)))
         est = result.estimated_latency_ms
         rate = result.trials_this_run / max(time.monotonic() - started, 1e-6) * 60
         click.echo(f"\n{result.status}: {result.trials_done}/{result.budget} trials in {result.log_dir} "
@@ -177,7 +176,7 @@ def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_lo
             click.echo("measured by: " + ", ".join(f"{b} ({n})" for b, n in sorted(result.measured_by.items())))
     if result.message:
         click.echo(result.message, err=True)
-    if result.status == "interrupted":
+    if result.status is Status.INTERRUPTED:
         sys.exit(130)
-    if result.status == "stopped-no-board":
+    if result.status is Status.STOPPED_NO_BOARD:
         sys.exit(3)

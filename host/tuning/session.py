@@ -3,16 +3,19 @@
 Built on MetaSchedule (task extraction, design spaces, evolutionary search, XGBoost cost model, task
 scheduler, JSON database); edgetune adds the warm cross-compiling builder, the multi-board runner
 with deadlines, the exact budget and early stopping, resuming, transfer from another log, and the
-per-trial history.
+per-trial history. What a log holds and how it is read is :mod:`host.logs`'; this module only writes
+through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,12 +24,14 @@ from device_agent.schema import check_key, target_to_json
 
 from .. import config
 from ..errors import AgentError, EdgetuneError
-from ..logs.tuninglog import TuningLog, mean_run_secs, now_iso
+from ..logs.format import Status, Trial, mean_run_secs, workload_key
+from ..logs.results import TaskResult, estimated_latency_ms, gflops, tally_records, tally_trials
+from ..logs.tuninglog import TuningLog, now_iso
 from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
 from ..tracker.client import TrackerAddr, servers_of_key, tracker_summary
 from .strategy import STRATEGIES
-from .tasks import Task, extract_tasks, log_layout_rewrite, workload_key
+from .tasks import Task, extract_tasks, log_layout_rewrite
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ Event = dict[str, Any]
 
 # Timed runs of ONNX Runtime on the board at the start of a session (its baseline).
 BASELINE_RUNS = 20
+RESUME_MESSAGE = "interrupted: run the same command again to resume"
 
 
 @dataclass
@@ -56,35 +62,17 @@ class TuneOptions:
 
 
 @dataclass
-class TaskSummary:
-    index: int
-    name: str
-    weight: int
-    flops: float
-    trials: int = 0
-    failed: int = 0
-    best_us: float | None = None
-
-    @property
-    def gflops(self) -> float | None:
-        if self.best_us is None or not self.flops:
-            return None
-        return self.flops / (self.best_us * 1e-6) / 1e9
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "weight": self.weight, "flops": self.flops,
-                "trials": self.trials, "failed": self.failed, "best_us": self.best_us, "gflops": self.gflops}
-
-
-@dataclass
 class SessionResult:
+    """How a run of :func:`run_session` ended: ``status`` is one of COMPLETED, ALREADY_COMPLETE,
+    STOPPED_NO_BOARD, INTERRUPTED; ``tasks`` are the results of all runs of the log together."""
+
     log_dir: str
-    status: str  # completed | stopped-no-board | interrupted | already-complete
+    status: Status
     budget: int
     trials_done: int
     trials_this_run: int
     elapsed_s: float
-    tasks: list[TaskSummary]
+    tasks: list[TaskResult]
     estimated_latency_ms: float | None
     measured_by: dict[str, int]
     message: str = ""
@@ -99,23 +87,15 @@ class SessionResult:
         }
 
 
-def estimated_latency_ms(tasks: list[TaskSummary]) -> float | None:
-    """Sum of weight x best latency over tasks; None while any task has no successful trial."""
-    if not tasks or any(t.best_us is None for t in tasks):
-        return None
-    return sum(t.weight * (t.best_us or 0.0) for t in tasks) / 1000.0
-
-
 class _Progress:
-    """Per-task bests and the history file; shared by the measure callback and the replay step."""
+    """Per-task results and the history file; shared by the measure callback and the seed replay."""
 
     def __init__(self, log: TuningLog, tasks: list[Task], budget: int, on_event: Callable[[Event], None],
                  elapsed_before: float) -> None:
         self.log = log
-        self.tasks = tasks
         self.budget = budget
         self.on_event = on_event
-        self.summaries = [TaskSummary(t.index, t.name, t.weight, t.flops) for t in tasks]
+        self.results = [TaskResult.of_task(t) for t in tasks]
         self.trial = 0
         self.started = time.monotonic()
         self.elapsed_before = elapsed_before
@@ -124,42 +104,29 @@ class _Progress:
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.started
 
-    def absorb_history(self, history: list[dict[str, Any]]) -> None:
-        for entry in history:
-            self.trial = max(self.trial, int(entry.get("trial", 0)))
-            idx = entry.get("task")
-            if isinstance(idx, int) and 0 <= idx < len(self.summaries):
-                self._count(self.summaries[idx], entry.get("latency_us"))
-
-    @staticmethod
-    def _count(summary: TaskSummary, latency_us: float | None) -> None:
-        summary.trials += 1
-        if latency_us is None:
-            summary.failed += 1
-        elif summary.best_us is None or latency_us < summary.best_us:
-            summary.best_us = latency_us
+    def absorb(self, trials: list[Trial]) -> None:
+        """Count the trials of earlier runs (a resumed log)."""
+        tally_trials(self.results, [t for t in trials if 0 <= t.task < len(self.results)])
+        self.trial = max([self.trial, *(t.trial for t in trials)])
 
     def record(self, task_index: int, outcomes: list[tuple[float | None, str | None, str | None]]) -> None:
         """Append one batch of trials: (latency_s or None, error or None, board) each."""
-        summary = self.summaries[task_index]
-        entries = []
+        result = self.results[task_index]
+        trials = []
         for latency_s, error, board in outcomes:
             self.trial += 1
             latency_us = latency_s * 1e6 if latency_s is not None else None
-            self._count(summary, latency_us)
-            gflops = (summary.flops / latency_s / 1e9) if (latency_s and summary.flops) else None
-            entries.append({
-                "trial": self.trial, "task": task_index, "task_name": summary.name,
-                "elapsed_s": round(self.elapsed(), 3), "time": now_iso(),
-                "latency_us": latency_us, "gflops": gflops, "error": error, "board": board,
-            })
-        self.log.append_history(entries)
+            result.count(latency_us, self.trial)
+            trials.append(Trial(trial=self.trial, task=task_index, task_name=result.name, latency_us=latency_us,
+                                gflops=gflops(result.flops, latency_us), error=error, board=board,
+                                elapsed_s=round(self.elapsed(), 3), time=now_iso()))
+        self.log.append_history(trials)
         self.on_event({
-            "event": "trials", "done": self.trial, "budget": self.budget, "task": summary.name,
+            "event": "trials", "done": self.trial, "budget": self.budget, "task": result.name,
             "task_index": task_index, "batch": len(outcomes), "failed": sum(1 for o in outcomes if o[0] is None),
-            "best_us": summary.best_us, "gflops": summary.gflops,
-            "estimated_ms": estimated_latency_ms(self.summaries),
-            "tasks_tuned": sum(1 for s in self.summaries if s.best_us is not None), "tasks": len(self.summaries),
+            "best_us": result.best_us, "gflops": result.gflops,
+            "estimated_ms": estimated_latency_ms(self.results),
+            "tasks_tuned": sum(1 for r in self.results if r.tuned), "tasks": len(self.results),
             "elapsed_s": round(self.elapsed(), 2),
         })
 
@@ -180,6 +147,408 @@ def _history_callback(progress: _Progress):
             progress.record(int(task_id), outcomes)
 
     return HistoryCallback()
+
+
+@dataclass
+class _Run:
+    """One run of a session: what :func:`_prepare` found, and the state its steps share."""
+
+    options: TuneOptions
+    model: Model
+    log: TuningLog
+    target: dict[str, Any]
+    board: dict[str, Any] | None
+    toolchain: Any
+    tasks: list[Task]
+    seed_records: list[Any]
+    boards: int
+    done_before: int
+    progress: _Progress
+    entry: dict[str, Any] = field(default_factory=dict)  # this run in session.json's "runs"
+    budget: Any = None  # strategy.Budget, once the search is made
+    started: float = field(default_factory=time.monotonic)
+    trials_done: int = 0
+
+    @property
+    def session(self) -> dict[str, Any]:
+        return self.log.session
+
+    @property
+    def remaining(self) -> int:
+        return self.options.trials - self.done_before
+
+
+@dataclass
+class _Search:
+    """MetaSchedule's side of a run: tune contexts, cost model, database, builder and runner."""
+
+    contexts: list[Any]
+    weights: list[float]
+    cost_model: Any
+    database: Any
+    tvm_target: Any
+    builder: Any
+    runner: Any
+    cost_info: dict[str, Any]
+
+
+def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None = None) -> SessionResult:
+    """Run (or resume) a tuning session. Raises :class:`EdgetuneError` on bad input before any trial;
+    a session stopped by missing boards returns with ``status=STOPPED_NO_BOARD`` and its log intact."""
+    emit = on_event or (lambda event: None)
+    _check_options(options)
+    run = _prepare(options, emit)  # the model, the target and the log; refuses what cannot be tuned
+    if run.remaining <= 0:
+        return _already_complete(run)
+    _open_run(run, emit)
+    status, message = Status.FAILED, ""  # recorded as such if anything unexpected stops the run
+    search: _Search | None = None
+    try:
+        search = _make_search(run, emit)
+        with _noting_interrupts() as interrupted:
+            try:
+                _measure_baseline(run, emit)
+                emit({"event": "warming", "what": "build workers"})
+                search.builder.warm_up()
+                _seed(run, search)
+                _search(run, search)
+                status = Status.COMPLETED
+            except BaseException as err:  # noqa: BLE001 - a stop is a status; anything else is re-raised
+                status, message = _stop_reason(err, search.runner, interrupted)
+                if status is Status.FAILED:
+                    raise
+    finally:
+        _close_run(run, search, status)
+    return _result(run, search, status, message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The steps of a run
+
+
+def _check_options(options: TuneOptions) -> None:
+    if options.strategy not in STRATEGIES:
+        raise EdgetuneError(f"unknown strategy {options.strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if options.trials <= 0:
+        raise EdgetuneError("--trials must be a positive number of trials (e.g. --trials 64)")
+    if options.early_stopping is not None and options.early_stopping <= 0:
+        raise EdgetuneError("--early-stopping must be a positive number of trials")
+    try:
+        check_key(options.key)
+    except AgentError as err:
+        raise EdgetuneError(str(err).replace("--key", "--device")) from None
+
+
+def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
+    """Load the model, open (or resume) the log, settle the target, find the boards and the tasks, and
+    write the session header. Raises :class:`EdgetuneError` before any trial; the log is closed then."""
+    model: Model = load_onnx(options.model, options.input_shapes)
+    log = TuningLog.open(options.log_dir, create=True)
+    try:
+        target, board = _target_of(options, log)
+        check_target(target)
+        toolchain = toolchain_for(target)
+        log.check_compatible(model.sha256, target)
+        seed_records: list[Any] = []
+        if options.from_log:
+            if Path(options.from_log).resolve() == Path(options.log_dir).resolve():
+                raise EdgetuneError("--from-log is the same folder as --log: resuming needs no --from-log")
+            seed_records = list(TuningLog.open(options.from_log).database().get_all_tuning_records())
+        boards = _check_boards(options.tracker, options.key)
+        done_before = log.record_count()
+        layout_rewrite = log_layout_rewrite(log.session, done_before > 0, options.layout_rewrite)
+        tasks = extract_tasks(model.mod, target, layout_rewrite)
+        if not tasks:
+            raise EdgetuneError(f"{model.name} has no kernels to tune for this target")
+        earlier = log.trials()
+    except BaseException:
+        log.close()
+        raise
+    session = log.session
+    session.update({
+        "model": model.describe(), "key": options.key, "target": target, "board": board,
+        "strategy": options.strategy, "budget": options.trials, "trials_done": done_before,
+        "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
+        "layout_rewrite": layout_rewrite,
+    })
+    session.setdefault("runs", [])
+    _close_killed_runs(session["runs"], earlier, done_before)
+    session.setdefault("created", now_iso())
+    progress = _Progress(log, tasks, options.trials, emit, float(session.get("elapsed_s", 0.0)))
+    progress.absorb(earlier)
+    progress.trial = max(progress.trial, done_before)
+    return _Run(options, model, log, target, board, toolchain, tasks, seed_records, boards, done_before, progress)
+
+
+def _target_of(options: TuneOptions, log: TuningLog) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The target to tune for: given, else the one a board of the key advertises, else the log's."""
+    if options.target is not None:
+        return options.target, options.board
+    found = resolve_board_target(options.key)
+    if found is not None:
+        return found
+    if log.session.get("target"):
+        return log.session["target"], log.session.get("board")
+    raise EdgetuneError(
+        f"no agent of key {options.key!r} advertises its target on mDNS: pass --target JSON "
+        "(for a board running plain TVM RPC) or start `edgetune-agent serve` on the board"
+    )
+
+
+def _already_complete(run: _Run) -> SessionResult:
+    """The log already holds the budget: mark it complete and run nothing."""
+    run.session["status"] = Status.COMPLETED
+    run.log.save_session()
+    run.log.close()
+    results = run.progress.results
+    return SessionResult(str(run.log.path), Status.ALREADY_COMPLETE, run.options.trials, run.done_before, 0, 0.0,
+                         results, estimated_latency_ms(results), {},
+                         f"the log already holds {run.done_before} trials (budget {run.options.trials}): "
+                         "raise --trials to tune more")
+
+
+def _open_run(run: _Run, emit: Callable[[Event], None]) -> None:
+    """Record the run as running in session.json and announce it."""
+    run.entry = {"started": now_iso(), "ended": None, "trials": 0, "status": Status.RUNNING, "boards": run.boards}
+    run.session["runs"].append(run.entry)
+    run.session["status"] = Status.RUNNING
+    run.log.save_session()
+    run.started = time.monotonic()
+    emit({"event": "start", "model": run.model.name, "key": run.options.key, "target": run.target,
+          "tasks": len(run.tasks), "budget": run.options.trials, "done": run.done_before, "boards": run.boards,
+          "resumed": run.done_before > 0, "log": str(run.log.path)})
+
+
+def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
+    """MetaSchedule's tune contexts over the log's database, the cost model, the builder and the runner."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from .builder import WarmBuilder
+    from .intrinsics import cpu_intrinsics_only
+    from .runner import BoardRunner
+    from .strategy import Budget, BudgetedStrategy
+
+    options = run.options
+    cpu_intrinsics_only()
+    run.budget = Budget(run.remaining, options.early_stopping)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        [t.extracted for t in run.tasks], str(run.log.path), space="post-order-apply",
+        strategy=BudgetedStrategy(options.strategy, run.budget),
+        num_threads=max(1, os.cpu_count() or 1), seed=options.seed,
+    )
+    if options.strategy == "xgb":
+        # Adaptive training (MetaSchedule's default) retrains only once the data grew by a fifth: with
+        # the short batches of the first pass, retraining after every batch took about a third of the
+        # search time on 2 cores.
+        cost_model = ms.cost_model.XGBModel(
+            extractor=ms.feature_extractor.PerStoreFeature(extract_workload=True),
+            num_warmup_samples=8, num_tuning_cores=max(1, os.cpu_count() or 1),
+            adaptive_training=True, tree_method="auto",
+        )
+    else:
+        cost_model = ms.cost_model.RandomModel()
+    cost_info: dict[str, Any] = {"kind": "xgb" if options.strategy == "xgb" else "none",
+                                 "seeded_from": str(options.from_log) if options.from_log else None}
+    runner = BoardRunner(options.tracker, options.key, no_board_deadline_sec=options.no_board_deadline_sec,
+                         on_event=emit, board_log=run.progress.board_of)
+    return _Search(contexts, weights, cost_model, run.log.database(), tvm.target.Target(run.target),
+                   WarmBuilder(run.toolchain), runner, cost_info)
+
+
+@contextlib.contextmanager
+def _noting_interrupts() -> Iterator[threading.Event]:
+    """Ctrl-C usually lands inside MetaSchedule's C++ loop, which hands the KeyboardInterrupt back
+    wrapped in its own error: the event remembers that it was an interrupt."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def _on_sigint(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _measure_baseline(run: _Run, emit: Callable[[Event], None]) -> None:
+    """ONNX Runtime's p50 on a board of the key, the latency the tuned model has to beat, once per log.
+    Taken before the build workers start, so nothing is built while the board times it. Never fails the
+    session: a board without ONNX Runtime (or a plain TVM server) gives a note instead."""
+    from ..bench.bench import onnxruntime_on_board
+    from ..build.build import reference_io
+
+    if "onnxruntime_p50_ms" in (run.session.get("baseline") or {}):
+        return
+    inputs, expected = reference_io(run.model)
+    try:
+        timing, note = onnxruntime_on_board(run.options.tracker, run.options.key, run.model.path, inputs, expected,
+                                            BASELINE_RUNS, deadline_sec=config.TRACKER_CONNECT_SEC * 6)
+    except EdgetuneError as err:
+        timing, note = None, str(err)
+    baseline: dict[str, Any] = ({"onnxruntime_p50_ms": round(timing.p50_ms, 4), "board": timing.board,
+                                 "runtime": timing.label} if timing else {"note": note})
+    emit({"event": "baseline", **baseline})
+    run.session["baseline"] = baseline
+    run.log.save_session()
+
+
+def _seed(run: _Run, search: _Search) -> None:
+    """Start from what is known: train the cost model on the log's own records (a resumed log) and on the
+    seed log's (``--from-log``), then measure the seed log's best schedule of each task on this board."""
+    cost_info = search.cost_info
+    if run.options.strategy == "xgb":
+        own = list(search.database.get_all_tuning_records()) if run.done_before else []
+        cost_info["pretrained_on_own"] = _pretrain(search, run.tasks, own)
+        cost_info["pretrained_on_seed"] = _pretrain(search, run.tasks, run.seed_records)
+        cost_info["trained_before_first_trial"] = getattr(search.cost_model, "booster", None) is not None
+    run.session["cost_model"] = cost_info
+    run.log.save_session()
+    if run.seed_records and run.done_before == 0:
+        seed_results = tally_records([TaskResult.of_task(t) for t in run.tasks], run.seed_records)
+        best = {r.index: r.record for r in seed_results if r.record is not None and r.index is not None}
+        cost_info["replayed_seed_best"] = _replay(best, run, search)
+
+
+def _pretrain(search: _Search, tasks: list[Task], records: list[Any]) -> int:
+    """Train the cost model on existing records (of this log when resuming, or a similar board's)."""
+    from tvm.s_tir.meta_schedule.runner import RunnerResult
+
+    by_hash = {t.workload_hash: i for i, t in enumerate(tasks)}
+    grouped: dict[int, tuple[list, list]] = {}
+    for record in records:
+        if mean_run_secs(record.run_secs) is None:
+            continue
+        idx = by_hash.get(workload_key(record.workload.mod))
+        if idx is None:
+            continue
+        try:
+            candidate = record.as_measure_candidate()
+        except Exception as err:  # noqa: BLE001 - a record whose trace no longer applies is skipped
+            logger.debug("skipping a record: %s", err)
+            continue
+        cands, results = grouped.setdefault(idx, ([], []))
+        cands.append(candidate)
+        results.append(RunnerResult([float(s) for s in record.run_secs], None))
+    used = 0
+    for idx, (cands, results) in grouped.items():
+        search.cost_model.update(search.contexts[idx], cands, results)
+        used += len(cands)
+    return used
+
+
+def _replay(seed_best: dict[int, Any], run: _Run, search: _Search) -> int:
+    """Measure the seed log's best schedule of each task on this board first (they count as trials)."""
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    replayed = 0
+    for idx in sorted(seed_best):
+        if run.budget.take(1) == 0:
+            break
+        record = seed_best[idx]
+        try:
+            candidate = record.as_measure_candidate()
+        except Exception as err:  # noqa: BLE001
+            logger.debug("seed record does not apply: %s", err)
+            run.budget.remaining += 1
+            continue
+        built = search.builder.build([BuilderInput(candidate.sch.mod, search.tvm_target)])[0]
+        if built.error_msg:
+            run_secs, error, board = None, built.error_msg, None
+        else:
+            ran = search.runner.run([RunnerInput(built.artifact_path, "cpu", candidate.args_info)])[0].result()
+            board = run.progress.board_of.pop(str(built.artifact_path), None)
+            run_secs, error = ran.run_secs, ran.error_msg
+        workload = search.database.commit_workload(search.contexts[idx].mod)
+        search.database.commit_tuning_record(TuningRecord(candidate.sch.trace, workload, run_secs, search.tvm_target,
+                                                          candidate.args_info))
+        latency = None if error else mean_run_secs(run_secs)
+        run.progress.record(idx, [(latency, error, board)])
+        replayed += 1
+    return replayed
+
+
+def _search(run: _Run, search: _Search) -> None:
+    """MetaSchedule's search over the budget left, batches handed out by the weighted scheduler."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .scheduler import WeightedScheduler, batch_sizes
+
+    budget = run.budget
+    if budget.remaining <= 0:
+        return
+    if run.options.scheduler == "gradient":
+        per_iter, scheduler = max(2, min(32, budget.remaining // max(1, len(run.tasks)))), "gradient"
+    else:
+        first_batch, per_iter = batch_sizes(budget.remaining, len(run.tasks))
+        budget.first_batch = first_batch
+        scheduler = WeightedScheduler(lambda: [r.best_us for r in run.progress.results], search.weights)
+    ms.tune_tasks(
+        tasks=search.contexts, task_weights=search.weights, work_dir=str(run.log.path),
+        max_trials_global=budget.remaining, max_trials_per_task=budget.remaining,
+        num_trials_per_iter=per_iter, builder=search.builder, runner=search.runner, database=search.database,
+        cost_model=search.cost_model,
+        measure_callbacks=[ms.measure_callback.AddToDatabase(), _history_callback(run.progress),
+                           ms.measure_callback.UpdateCostModel()],
+        task_scheduler=scheduler,
+    )
+
+
+def _stop_reason(err: BaseException, runner: Any, interrupted: threading.Event) -> tuple[Status, str]:
+    """What stopped the run: no board (a SessionStop, also when it comes back wrapped by MetaSchedule's
+    loop), Ctrl-C, or anything else (FAILED: the caller re-raises it)."""
+    from .runner import SessionStop
+
+    if isinstance(err, SessionStop):
+        return Status.STOPPED_NO_BOARD, str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return Status.INTERRUPTED, RESUME_MESSAGE
+    if isinstance(err, Exception):
+        if runner.stopped is not None:
+            return Status.STOPPED_NO_BOARD, str(runner.stopped)
+        if interrupted.is_set():
+            return Status.INTERRUPTED, RESUME_MESSAGE
+    return Status.FAILED, ""
+
+
+def _close_run(run: _Run, search: _Search | None, status: Status) -> None:
+    """Stop the workers, write how the run ended into session.json, and release the log's writer lock
+    (it goes with the session, not with this process)."""
+    measured_by: dict[str, int] = {}
+    if search is not None:
+        search.builder.shutdown()
+        search.runner.shutdown()
+        measured_by = search.runner.measured_by
+    run.trials_done = run.log.record_count()
+    run.entry.update(ended=now_iso(), trials=run.trials_done - run.done_before, status=status)
+    if run.budget is not None:
+        run.entry["early_stopped"] = list(run.budget.early_stopped)
+        run.entry["repeats_skipped"] = run.budget.repeats_skipped
+    run.session.update(trials_done=run.trials_done, status=status, elapsed_s=round(run.progress.elapsed(), 3),
+                       measured_by=_merge_counts(run.session.get("measured_by", {}), measured_by))
+    run.log.save_session()
+    run.log.close()
+
+
+def _result(run: _Run, search: _Search, status: Status, message: str) -> SessionResult:
+    if status is Status.COMPLETED and run.trials_done < run.options.trials:
+        message = (f"search ended after {run.trials_done} of {run.options.trials} trials "
+                   + ("(early stopping)" if run.options.early_stopping else "(the search space is exhausted)"))
+    results = run.progress.results
+    return SessionResult(str(run.log.path), status, run.options.trials, run.trials_done,
+                         run.trials_done - run.done_before, time.monotonic() - run.started, results,
+                         estimated_latency_ms(results), dict(search.runner.measured_by), message, search.cost_info)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
 
 
 def resolve_board_target(key: str, timeout: float | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -213,305 +582,17 @@ def _check_boards(tracker: TrackerAddr, key: str) -> int:
     return boards
 
 
-def _pretrain(cost_model, contexts, tasks: list[Task], records) -> int:
-    """Train the cost model on existing records (of this log when resuming, or a similar board's)."""
-    from tvm.s_tir.meta_schedule.runner import RunnerResult
-
-    by_hash = {t.workload_hash: i for i, t in enumerate(tasks)}
-    grouped: dict[int, tuple[list, list]] = {}
-    for record in records:
-        if mean_run_secs(record.run_secs) is None:
-            continue
-        idx = by_hash.get(workload_key(record.workload.mod))
-        if idx is None:
-            continue
-        try:
-            candidate = record.as_measure_candidate()
-        except Exception as err:  # noqa: BLE001 - a record whose trace no longer applies is skipped
-            logger.debug("skipping a record: %s", err)
-            continue
-        cands, results = grouped.setdefault(idx, ([], []))
-        cands.append(candidate)
-        results.append(RunnerResult([float(s) for s in record.run_secs], None))
-    used = 0
-    for idx, (cands, results) in grouped.items():
-        cost_model.update(contexts[idx], cands, results)
-        used += len(cands)
-    return used
-
-
-def _best_by_task(records, tasks: list[Task]) -> dict[int, Any]:
-    by_hash = {t.workload_hash: i for i, t in enumerate(tasks)}
-    best: dict[int, tuple[float, Any]] = {}
-    for record in records:
-        latency = mean_run_secs(record.run_secs)
-        idx = by_hash.get(workload_key(record.workload.mod))
-        if latency is None or idx is None:
-            continue
-        if idx not in best or latency < best[idx][0]:
-            best[idx] = (latency, record)
-    return {idx: rec for idx, (_, rec) in best.items()}
-
-
-def _replay(seed_best: dict[int, Any], contexts, target, database, builder, runner, progress: _Progress,
-            budget) -> int:
-    """Measure the seed log's best schedule of each task on this board first (they count as trials)."""
-    from tvm.s_tir.meta_schedule.builder import BuilderInput
-    from tvm.s_tir.meta_schedule.database import TuningRecord
-    from tvm.s_tir.meta_schedule.runner import RunnerInput
-
-    replayed = 0
-    for idx in sorted(seed_best):
-        if budget.take(1) == 0:
-            break
-        record = seed_best[idx]
-        ctx = contexts[idx]
-        try:
-            candidate = record.as_measure_candidate()
-        except Exception as err:  # noqa: BLE001
-            logger.debug("seed record does not apply: %s", err)
-            budget.remaining += 1
-            continue
-        built = builder.build([BuilderInput(candidate.sch.mod, target)])[0]
-        if built.error_msg:
-            run_secs, error, board = None, built.error_msg, None
-        else:
-            ran = runner.run([RunnerInput(built.artifact_path, "cpu", candidate.args_info)])[0].result()
-            board = progress.board_of.pop(str(built.artifact_path), None)
-            run_secs, error = ran.run_secs, ran.error_msg
-        workload = database.commit_workload(ctx.mod)
-        database.commit_tuning_record(TuningRecord(candidate.sch.trace, workload, run_secs, target,
-                                                   candidate.args_info))
-        latency = None if error else mean_run_secs(run_secs)
-        progress.record(idx, [(latency, error, board)])
-        replayed += 1
-    return replayed
-
-
-def _measure_baseline(model: Model, options: TuneOptions, emit: Callable[[Event], None]) -> dict[str, Any]:
-    """ONNX Runtime's p50 on a board of the key, the latency the tuned model has to beat. Taken before
-    the build workers start, so nothing is built while the board times it. Never fails the session:
-    a board without ONNX Runtime (or a plain TVM server) gives a note instead."""
-    from ..bench.bench import onnxruntime_on_board
-    from ..build.build import reference_io
-
-    inputs, expected = reference_io(model)
-    try:
-        timing, note = onnxruntime_on_board(options.tracker, options.key, model.path, inputs, expected,
-                                            BASELINE_RUNS, deadline_sec=config.TRACKER_CONNECT_SEC * 6)
-    except EdgetuneError as err:
-        timing, note = None, str(err)
-    baseline: dict[str, Any] = ({"onnxruntime_p50_ms": round(timing.p50_ms, 4), "board": timing.board,
-                                 "runtime": timing.label} if timing else {"note": note})
-    emit({"event": "baseline", **baseline})
-    return baseline
-
-
-def _load_records(path: str | Path):
-    log = TuningLog.open(path)
-    return list(log.database().get_all_tuning_records()), log
-
-
-def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None = None) -> SessionResult:
-    """Run (or resume) a tuning session. Raises :class:`EdgetuneError` on bad input before any trial;
-    a session stopped by missing boards returns with ``status="stopped-no-board"`` and its log intact."""
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    from .builder import WarmBuilder
-    from .intrinsics import cpu_intrinsics_only
-    from .runner import BoardRunner, SessionStop
-    from .scheduler import WeightedScheduler, batch_sizes
-    from .strategy import Budget, BudgetedStrategy
-
-    emit = on_event or (lambda event: None)
-    if options.strategy not in STRATEGIES:
-        raise EdgetuneError(f"unknown strategy {options.strategy!r}: use one of {', '.join(STRATEGIES)}")
-    if options.trials <= 0:
-        raise EdgetuneError("--trials must be a positive number of trials (e.g. --trials 64)")
-    if options.early_stopping is not None and options.early_stopping <= 0:
-        raise EdgetuneError("--early-stopping must be a positive number of trials")
-    try:
-        check_key(options.key)
-    except AgentError as err:
-        raise EdgetuneError(str(err).replace("--key", "--device")) from None
-
-    model: Model = load_onnx(options.model, options.input_shapes)
-    log = TuningLog.open(options.log_dir, create=True)
-    target, board = options.target, options.board
-    if target is None:
-        found = resolve_board_target(options.key)
-        if found is not None:
-            target, board = found
-        elif log.session.get("target"):
-            target, board = log.session["target"], log.session.get("board")
-        else:
-            raise EdgetuneError(
-                f"no agent of key {options.key!r} advertises its target on mDNS: pass --target JSON "
-                "(for a board running plain TVM RPC) or start `edgetune-agent serve` on the board"
-            )
-    check_target(target)
-    toolchain = toolchain_for(target)
-    log.check_compatible(model.sha256, target)
-    seed_records, seed_log = ([], None)
-    if options.from_log:
-        if Path(options.from_log).resolve() == Path(options.log_dir).resolve():
-            raise EdgetuneError("--from-log is the same folder as --log: resuming needs no --from-log")
-        seed_records, seed_log = _load_records(options.from_log)
-    boards = _check_boards(options.tracker, options.key)
-
-    done_before = log.record_count()
-    layout_rewrite = log_layout_rewrite(log.session, done_before > 0, options.layout_rewrite)
-    tasks = extract_tasks(model.mod, target, layout_rewrite)
-    if not tasks:
-        raise EdgetuneError(f"{model.name} has no kernels to tune for this target")
-    remaining = options.trials - done_before
-    history = log.history()
-    elapsed_before = float(log.session.get("elapsed_s", 0.0))
-    session = log.session
-    session.update({
-        "model": model.describe(), "key": options.key, "target": target, "board": board,
-        "strategy": options.strategy, "budget": options.trials, "trials_done": done_before,
-        "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
-        "layout_rewrite": layout_rewrite,
-    })
-    session.setdefault("runs", [])
-    _close_killed_runs(session["runs"], history, done_before)
-    session.setdefault("created", now_iso())
-    progress = _Progress(log, tasks, options.trials, emit, elapsed_before)
-    progress.absorb_history(history)
-    progress.trial = max(progress.trial, done_before)
-    if remaining <= 0:
-        session["status"] = "completed"
-        log.save_session()
-        return SessionResult(str(log.path), "already-complete", options.trials, done_before, 0, 0.0,
-                             progress.summaries, estimated_latency_ms(progress.summaries), {},
-                             f"the log already holds {done_before} trials (budget {options.trials}): raise --trials to tune more")
-
-    run_entry = {"started": now_iso(), "ended": None, "trials": 0, "status": "running", "boards": boards}
-    session["runs"].append(run_entry)
-    session["status"] = "running"
-    log.save_session()
-    emit({"event": "start", "model": model.name, "key": options.key, "target": target, "tasks": len(tasks),
-          "budget": options.trials, "done": done_before, "boards": boards, "resumed": done_before > 0,
-          "log": str(log.path)})
-
-    cpu_intrinsics_only()
-    tvm_target = tvm.target.Target(target)
-    database = log.database()
-    budget = Budget(remaining, options.early_stopping)
-    extracted = [t.extracted for t in tasks]
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted, str(log.path), space="post-order-apply",
-        strategy=BudgetedStrategy(options.strategy, budget),
-        num_threads=max(1, os.cpu_count() or 1), seed=options.seed,
-    )
-    if options.strategy == "xgb":
-        # Adaptive training (MetaSchedule's default) retrains only once the data grew by a fifth: with
-        # the short batches of the first pass, retraining after every batch took about a third of the
-        # search time on 2 cores.
-        cost_model = ms.cost_model.XGBModel(
-            extractor=ms.feature_extractor.PerStoreFeature(extract_workload=True),
-            num_warmup_samples=8, num_tuning_cores=max(1, os.cpu_count() or 1),
-            adaptive_training=True, tree_method="auto",
-        )
-    else:
-        cost_model = ms.cost_model.RandomModel()
-    cost_info: dict[str, Any] = {"kind": "xgb" if options.strategy == "xgb" else "none",
-                                 "seeded_from": str(options.from_log) if options.from_log else None}
-    if options.strategy == "xgb":
-        own = list(database.get_all_tuning_records()) if done_before else []
-        cost_info["pretrained_on_own"] = _pretrain(cost_model, contexts, tasks, own)
-        cost_info["pretrained_on_seed"] = _pretrain(cost_model, contexts, tasks, seed_records)
-        cost_info["trained_before_first_trial"] = getattr(cost_model, "booster", None) is not None
-    session["cost_model"] = cost_info
-    log.save_session()
-
-    builder = WarmBuilder(toolchain)
-    runner = BoardRunner(options.tracker, options.key, no_board_deadline_sec=options.no_board_deadline_sec,
-                         on_event=emit, board_log=progress.board_of)
-    status, message = "completed", ""
-    run_start = time.monotonic()
-    # Ctrl-C usually lands inside MetaSchedule's C++ loop, which hands the KeyboardInterrupt back
-    # wrapped in its own error: remember that it was an interrupt.
-    interrupted = threading.Event()
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        def _on_sigint(signum, frame):
-            interrupted.set()
-            raise KeyboardInterrupt
-
-        previous_handler = signal.signal(signal.SIGINT, _on_sigint)
-    try:
-        if "onnxruntime_p50_ms" not in (session.get("baseline") or {}):
-            session["baseline"] = _measure_baseline(model, options, emit)
-            log.save_session()
-        emit({"event": "warming", "what": "build workers"})
-        builder.warm_up()
-        if seed_records and done_before == 0:
-            replayed = _replay(_best_by_task(seed_records, tasks), contexts, tvm_target, database, builder,
-                               runner, progress, budget)
-            cost_info["replayed_seed_best"] = replayed
-        if budget.remaining > 0:
-            if options.scheduler == "gradient":
-                per_iter, scheduler = max(2, min(32, budget.remaining // max(1, len(tasks)))), "gradient"
-            else:
-                first_batch, per_iter = batch_sizes(budget.remaining, len(tasks))
-                budget.first_batch = first_batch
-                scheduler = WeightedScheduler(lambda: [s.best_us for s in progress.summaries], weights)
-            ms.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(log.path),
-                max_trials_global=budget.remaining, max_trials_per_task=budget.remaining,
-                num_trials_per_iter=per_iter, builder=builder, runner=runner, database=database,
-                cost_model=cost_model,
-                measure_callbacks=[ms.measure_callback.AddToDatabase(), _history_callback(progress),
-                                   ms.measure_callback.UpdateCostModel()],
-                task_scheduler=scheduler,
-            )
-    except SessionStop as err:
-        status, message = "stopped-no-board", str(err)
-    except KeyboardInterrupt:
-        status, message = "interrupted", "interrupted: run the same command again to resume"
-    except Exception:  # noqa: BLE001 - a stop raised inside the tuning loop comes back wrapped
-        if runner.stopped is not None:
-            status, message = "stopped-no-board", str(runner.stopped)
-        elif interrupted.is_set():
-            status, message = "interrupted", "interrupted: run the same command again to resume"
-        else:
-            status = "failed"  # recorded as such in session.json; the measured records stay
-            raise
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-        builder.shutdown()
-        runner.shutdown()
-        trials_done = log.record_count()
-        run_entry.update(ended=now_iso(), trials=trials_done - done_before, status=status)
-        run_entry["early_stopped"] = list(budget.early_stopped)
-        run_entry["repeats_skipped"] = budget.repeats_skipped
-        session.update(trials_done=trials_done, status=status, elapsed_s=round(progress.elapsed(), 3),
-                       measured_by=_merge_counts(session.get("measured_by", {}), runner.measured_by))
-        log.save_session()
-        log.close()  # the writer's lock goes with the session, not with this process
-    if status == "completed" and trials_done < options.trials:
-        message = (f"search ended after {trials_done} of {options.trials} trials "
-                   + ("(early stopping)" if options.early_stopping else "(the search space is exhausted)"))
-    return SessionResult(str(log.path), status, options.trials, trials_done, trials_done - done_before,
-                         time.monotonic() - run_start, progress.summaries, estimated_latency_ms(progress.summaries),
-                         dict(runner.measured_by), message, cost_info)
-
-
-def _close_killed_runs(runs: list[dict], history: list[dict], records: int) -> None:
+def _close_killed_runs(runs: list[dict], trials: list[Trial], records: int) -> None:
     """A run still marked running was killed before it could close: count its trials from the history
     (the last of them also gets records whose history line the kill cut off)."""
     killed = None
     for i, run in enumerate(runs):
-        if run.get("status") != "running":
+        if Status.parse(run.get("status")) is not Status.RUNNING:
             continue
         start = run.get("started") or ""
         end = runs[i + 1].get("started") if i + 1 < len(runs) else None
-        mine = [h for h in history if start <= (h.get("time") or "") and (end is None or h.get("time", "") < end)]
-        run.update(status="killed", trials=len(mine), ended=mine[-1]["time"] if mine else start)
+        mine = [t for t in trials if start <= (t.time or "") and (end is None or (t.time or "") < end)]
+        run.update(status=Status.KILLED, trials=len(mine), ended=mine[-1].time if mine else start)
         killed = run
     if killed is not None:
         counted = sum(int(r.get("trials") or 0) for r in runs)

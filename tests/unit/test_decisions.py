@@ -9,21 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from host.logs.decisions import (
-    DecisionsError,
-    best_records,
-    decisions_dict,
-    describe_trace,
-    hash_key,
-    mean_run_us,
-)
+from host.logs.decisions import decisions_dict, describe_trace
+from host.logs.format import TuningLogError, database_key, hash_key, mean_run_us
+from host.logs.results import best_records
 
 SMALL = Path(__file__).resolve().parents[1] / "fixtures" / "logs" / "small"
 
 
 @pytest.fixture(scope="module")
 def best() -> dict[str, object]:
-    return {b.task: b for b in best_records(SMALL)}
+    return {b.name: b for b in best_records(SMALL)}
 
 
 def _record_rows() -> list[list]:
@@ -36,14 +31,14 @@ def test_best_records_name_every_workload_after_its_session_task(best) -> None:
     assert set(best) == {t["name"] for t in session["tasks"]}
     for task in session["tasks"]:
         b = best[task["name"]]
-        assert b.task_index == task["index"]
+        assert b.index == task["index"]
         assert b.workload_hash == task["workload_hash"]
 
 
 def test_best_record_is_the_fastest_and_trials_are_counted(best) -> None:
     rows = _record_rows()
     workload_hashes = [
-        hash_key(json.loads(line)[0])
+        database_key(json.loads(line)[0])
         for line in (SMALL / "database_workload.json").read_text().splitlines()
         if line
     ]
@@ -52,8 +47,8 @@ def test_best_record_is_the_fastest_and_trials_are_counted(best) -> None:
         latencies = [mean_run_us(r[1][1]) for r in own]
         assert b.trials == len(own)
         assert b.failed == sum(1 for x in latencies if x is None)
-        assert b.latency_us == pytest.approx(min(x for x in latencies if x is not None))
-        assert mean_run_us(b.record.run_secs) == pytest.approx(b.latency_us)
+        assert b.best_us == pytest.approx(min(x for x in latencies if x is not None))
+        assert mean_run_us(b.record.run_secs) == pytest.approx(b.best_us)
     assert sum(b.trials for b in best.values()) == len(rows)
 
 
@@ -121,7 +116,7 @@ def test_failed_run_secs_have_no_latency() -> None:
 
 
 def test_directory_without_database_says_to_tune_first(tmp_path: Path) -> None:
-    with pytest.raises(DecisionsError, match="edgetune tune"):
+    with pytest.raises(TuningLogError, match="edgetune tune"):
         best_records(tmp_path)
 
 
@@ -130,7 +125,7 @@ def test_damaged_record_line_is_named(tmp_path: Path) -> None:
         shutil.copy(SMALL / name, tmp_path / name)
     with (tmp_path / "database_tuning_record.json").open("a") as f:
         f.write("[0, [\n")
-    with pytest.raises(DecisionsError, match=r"database_tuning_record\.json:\d+"):
+    with pytest.raises(TuningLogError, match=r"database_tuning_record\.json:\d+"):
         best_records(tmp_path)
 
 
@@ -139,7 +134,7 @@ def test_stock_work_dir_has_records_without_task_names(tmp_path: Path) -> None:
         shutil.copy(SMALL / name, tmp_path / name)
     found = best_records(tmp_path)
     assert len(found) == 2
-    assert all(b.task is None and b.record is not None and b.latency_us > 0 for b in found)
+    assert all(b.index is None and b.record is not None and b.best_us > 0 for b in found)
 
 
 def test_failed_records_in_the_database_are_counted_not_ranked(tmp_path: Path) -> None:
@@ -151,9 +146,11 @@ def test_failed_records_in_the_database_are_counted_not_ranked(tmp_path: Path) -
         for run_secs in (None, [1e10]):
             workload, (trace, _, target, args) = rows[0]
             f.write(json.dumps([workload, [trace, run_secs, target, args]]) + "\n")
+    workload_lines = (SMALL / "database_workload.json").read_text().splitlines()
+    first_workload = database_key(json.loads(workload_lines[rows[0][0]])[0])
     before = {b.workload_hash: b for b in best_records(SMALL)}
     for b in best_records(tmp_path):
         held = before[b.workload_hash]
-        extra = 2 if b.workload_index == rows[0][0] else 0
+        extra = 2 if b.workload_hash == first_workload else 0
         assert (b.trials, b.failed) == (held.trials + extra, held.failed + extra)
-        assert b.latency_us == pytest.approx(held.latency_us)
+        assert b.best_us == pytest.approx(held.best_us)

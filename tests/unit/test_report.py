@@ -74,11 +74,11 @@ def test_report_counts_trials_and_failures(log_dir: Path) -> None:
         ok = [h["latency_us"] for h in own if h["latency_us"] is not None]
         assert s.trials == len(own)
         assert s.failed == len(own) - len(ok)
-        assert s.best_latency_us == pytest.approx(min(ok))
-        assert s.best_gflops == pytest.approx(task["flops"] / min(ok) / 1e3)
+        assert s.best_us == pytest.approx(min(ok))
+        assert s.gflops == pytest.approx(task["flops"] / min(ok) / 1e3)
         assert s.status == "tuned"
         assert any("tile" in line for line in s.decisions)
-    expected_ms = sum(t["weight"] * by_name[t["name"]].best_latency_us for t in session["tasks"]) / 1e3
+    expected_ms = sum(t["weight"] * by_name[t["name"]].best_us for t in session["tasks"]) / 1e3
     assert result.estimated_latency_ms == pytest.approx(expected_ms)
     assert result.fallback_tasks == []
 
@@ -93,7 +93,7 @@ def test_stock_metaschedule_work_dir_without_session(tmp_path: Path) -> None:
     assert result.trials == len([r for r in records if r.strip()])
     # Names come from the workload functions' global_symbol; FLOPs are estimated from their TIR.
     assert sorted(t.name for t in result.tasks) == ["dense_relu", "matmul"]
-    assert all(t.flops and t.flops > 0 and t.best_gflops for t in result.tasks)
+    assert all(t.flops and t.flops > 0 and t.gflops for t in result.tasks)
     assert all(t.weight == 1 for t in result.tasks)
     page = result.html.read_text(encoding="utf-8")
     assert "no session.json" in page and "matmul" in page
@@ -109,7 +109,7 @@ def test_task_with_only_failed_trials_is_a_fallback(log_dir: Path) -> None:
 
     result = make_report(log_dir)
     matmul = next(t for t in result.tasks if t.name == "matmul")
-    assert matmul.status == "fallback" and matmul.best_latency_us is None
+    assert matmul.status == "fallback" and matmul.best_us is None
     assert matmul.failed == matmul.trials > 0
     assert result.fallback_tasks == ["matmul"]
     assert result.estimated_latency_ms is None

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from host.errors import EdgetuneError
-from host.logs.tuninglog import HISTORY_FILE, RECORD_FILE, SESSION_FILE, WORKLOAD_FILE, TuningLog
+from host.logs.format import HISTORY_FILE, RECORD_FILE, SESSION_FILE, WORKLOAD_FILE
+from host.logs.tuninglog import TuningLog
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ROOT / "tests" / "fixtures" / "logs" / "small"
