@@ -10,6 +10,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 
 import pytest
 from zeroconf import ServiceInfo
@@ -171,3 +172,51 @@ def test_plain_rpc_server_under_an_android_key_is_tunable(peers, adb_env, tmp_pa
     assert sum(t["best_us"] is not None for t in end["tasks"]) >= 1
     session = json.loads((log_dir / "session.json").read_text())
     assert session["target"] == board["target"] and session["board"]["serial"] == "host-standin"
+
+
+def test_connect_starts_tvm_rpc_that_registers_and_is_the_phones_row(peers, adb_env, tmp_path):
+    """`android connect --rpc-binary` end to end, with adb's part answered as the Pixel 8 Pro answered
+    (its captured getprop and cpuinfo) and the phone's `tvm_rpc server ...` command carried out by a stock
+    TVM RPC server on this machine, with the same port, key, tracker and custom address."""
+    from host.android.connect import connect_phone
+    from host.android.adb import AdbResult
+    from tests.peers import spawn
+
+    tracker = peers.tracker(advertise=False, args=("--allow-plain-key", "android-husky"))
+    started = []
+
+    def phone(args, timeout):
+        args = list(args)
+        ok = AdbResult(tuple(args), 0, "", "")
+        assert args[:2] == ["-s", PIXEL8_SERIAL] and timeout > 0
+        command = args[2:]
+        if command == ["get-state"]:
+            return AdbResult(tuple(args), 0, "device\n", "")
+        if command[:1] == ["shell"] and command[1] in ("getprop", "cat /proc/cpuinfo"):
+            return AdbResult(tuple(args), 0, PIXEL8_GETPROP if command[1] == "getprop" else PIXEL8_CPUINFO, "")
+        if command[:1] == ["shell"] and "./tvm_rpc server" in command[1]:
+            opts = dict(part.split("=", 1) for part in command[1].split() if part.startswith("--") and "=" in part)
+            server = spawn("phone-tvm-rpc", [
+                sys.executable, "-m", "tvm.exec.rpc_server", "--host", opts["--host"], "--port", opts["--port"],
+                "--port-end", opts["--port-end"], "--tracker", opts["--tracker"], "--key", opts["--key"],
+                "--custom-addr", opts["--custom-addr"]], tmp_path / "peers", adb_env)
+            started.append(server)
+            return AdbResult(tuple(args), 0, "edgetune-rpc-started\n", "")
+        return ok  # mkdir, push, chmod, meminfo (not captured), reverse, forward
+
+    binary = tmp_path / "tvm_rpc"
+    binary.write_bytes(b"\x7fELF")
+    try:
+        result = connect_phone(PIXEL8_SERIAL, ("127.0.0.1", tracker.port), rpc_binary=str(binary), runner=phone)
+        assert result.registered and result.rpc_started and result.key == "android-husky"
+        out = run_cli([EDGETUNE, "devices", "--json", "--tracker", f"127.0.0.1:{tracker.port}", "--timeout", "2"],
+                      env=adb_env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout)["boards"]
+        (row,) = [b for b in rows if b["key"] == "android-husky"]
+        assert row["android"] and row["serial"] == PIXEL8_SERIAL and row["status"] == "free"
+        # Seen neither on mDNS nor by adb here (adb was answered in this process): no address, no transport.
+        assert (row["rpc_port"], row["addresses"], row["transports"]) == (result.rpc_port, [], [])
+    finally:
+        for server in started:
+            server.stop()
