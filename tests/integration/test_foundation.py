@@ -22,7 +22,7 @@ def devices(tracker_port: int | None, timeout: float = 3.0) -> dict:
 
 
 def test_two_agents_listed_by_devices_and_stock_query(peers, host_target):
-    tracker = peers.tracker()
+    tracker = peers.tracker(args=("--open",))  # TVM's own query_rpc_tracker below holds no team key
     addr = f"127.0.0.1:{tracker.port}"
     # A key of its own: the session-wide tuning agent of other tests also serves "x86host".
     a = peers.agent("dual", "board-a", addr)
