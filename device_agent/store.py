@@ -21,6 +21,16 @@ Hostile packages: a package is untrusted until its signature is verified, so it 
 pass (:mod:`device_agent.package_tar`) within the limits of :mod:`device_agent.config` (package size,
 unpacked bytes, members, header sizes, JSON size and depth), and no file is written past its signed size.
 A package built before the current one is refused unless ``allow_downgrade`` (see :func:`install`).
+
+Who may write the store: only the user who installs (root on a board). Root installs here and runs what it
+installs (the self-check), while the RPC server runs whatever code a client uploads, as another user: it gets
+its own state directory (:func:`device_agent.config.rpc_state_dir`) and at most a read-only view of the
+store, as Mender and balena keep their update store out of the application's reach. ``install``,
+``rollback`` and ``trust`` refuse, as OpenSSH's StrictModes does, a store whose directories (the store,
+``slots/``, ``staging/``, ``trusted/``) are symlinks, are owned by another user or are writable by group or
+others, or that sits under a directory another user can write; they open those directories once, without
+following symlinks, and rename, list and delete through the open descriptors. A new slot is hashed again
+from the bytes the self-check loads, after the rename that made it a slot.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import platform
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -46,7 +57,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from . import config
 from .errors import AgentError
-from .fsutil import fsync_dir, write_atomic
+from .fsutil import ancestor_problem, dir_problem, fsync_dir, open_beneath, open_dir, user_name, write_atomic
 from .manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -174,7 +185,8 @@ def resolve_store(store: str | os.PathLike[str] | None) -> Path:
 
 
 def _link_target(store: Path, name: str) -> str | None:
-    """The slot a store link points to, or ``None`` when the link is missing or points elsewhere."""
+    """The slot a store link points to, or ``None`` when the link is missing or points elsewhere (outside
+    ``slots/``, or at anything but a real directory there)."""
     try:
         target = os.readlink(store / name)
     except (FileNotFoundError, OSError):
@@ -184,7 +196,11 @@ def _link_target(store: Path, name: str) -> str | None:
         logger.warning("%s/%s points outside the store (%s): ignored", store, name, target)
         return None
     slot = target[len(prefix):]
-    return slot if (store / SLOTS_DIR / slot).is_dir() else None
+    try:
+        is_dir = stat.S_ISDIR(os.lstat(store / SLOTS_DIR / slot).st_mode)
+    except OSError:
+        return None
+    return slot if is_dir else None
 
 
 def _set_link(store: Path, name: str, slot: str) -> None:
@@ -200,45 +216,171 @@ def _set_link(store: Path, name: str, slot: str) -> None:
     fsync_dir(store)
 
 
-def _prepare(store: Path) -> None:
+# --- who may write the store --------------------------------------------------------------------------
+# See the module's docstring. Each check opens the directory without following a symlink and judges what
+# it opened (fstat), so what is checked is what is then used.
+
+_STORE_SUBDIRS = (SLOTS_DIR, STAGING_DIR, TRUSTED_DIR)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass
+class _StoreDirs:
+    """The store and its directories, open (never through a symlink) and checked by :func:`_checked_store`."""
+
+    path: Path  # the store, with every symlink above it resolved
+    fd: int
+    slots: int
+    staging: int
+
+
+def _who(owner: int) -> str:
+    return "root" if owner == 0 else f"the user {user_name(owner)}"
+
+
+def _unsafe(top: Path, path: Path, problem: str, owner: int) -> AgentError:
+    """The one-line refusal of ``top`` (a store or trust directory) because ``path`` in it is ``problem``."""
+    if problem == "a symbolic link":
+        fix = f"remove the link (`rm {path}`) and run this again"
+    elif problem == "not a directory":
+        fix = f"move {path} away and run this again"
+    else:
+        fix = f"run `chown -R {user_name(owner)}: {top} && chmod -R go-w {top}`"
+        if owner == 0:  # a board set up by an older install-agent.sh, whose unit gives the store away on start
+            fix = f"run deploy/install-agent.sh again (it does this and moves the service out of the store), or {fix[4:]}"
+    who = _who(owner)
+    return AgentError(f"refusing {top}: {path} is {problem}, and what {who} installs must be writable by {who} "
+                      f"alone; {fix}")
+
+
+def _open_checked(top: Path, path: Path, owner: int, dir_fd: int | None = None) -> int:
+    """Open the directory ``path`` (its last component relative to ``dir_fd`` when given) without following a
+    symlink, and return its descriptor if :func:`~device_agent.fsutil.dir_problem` finds nothing.
+    Raises :class:`AgentError`."""
     try:
-        for sub in (store, store / SLOTS_DIR, store / STAGING_DIR, store / TRUSTED_DIR):
-            sub.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = open_dir(path.name if dir_fd is not None else path, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            link = os.path.islink(path)
+            raise _unsafe(top, path, "a symbolic link" if link else "not a directory", owner) from None
+        raise AgentError(f"cannot open {path} ({err.strerror}): run as root, or pass --store DIR "
+                         "(or set EDGETUNE_STORE) to a directory of yours") from None
+    problem = dir_problem(os.fstat(fd), owner)
+    if problem:
+        os.close(fd)
+        raise _unsafe(top, path, problem, owner)
+    return fd
+
+
+def _check_above(top: Path, owner: int) -> None:
+    """Refuse ``top`` when a directory above it could be changed by another user (who could then swap
+    ``top`` itself). ``top`` has no symlink in its path."""
+    for parent in top.parents:
+        try:
+            problem = ancestor_problem(os.stat(parent), owner)
+        except OSError as err:
+            raise AgentError(f"cannot check {parent} above {top} ({err.strerror}): choose another --store") from None
+        if problem:
+            raise AgentError(
+                f"refusing {top}: {parent}, above it, is {problem}, so another user could replace it; "
+                f"run `chmod go-w {parent}` (or `chown root: {parent}`), or choose a store under directories "
+                f"only {_who(owner)} can change (--store DIR)"
+            )
+
+
+def check_trust_dir(trust_dir: Path) -> Path:
+    """The trust directory ``trust_dir`` with symlinks resolved, after the same checks as the store's own
+    directories (owned by this user, not writable by others, nor anything above it). Raises :class:`AgentError`."""
+    owner = os.geteuid()
+    real = Path(os.path.realpath(trust_dir))
+    os.close(_open_checked(real, real, owner))
+    _check_above(real, owner)
+    return real
+
+
+@contextlib.contextmanager
+def _checked_store(store: Path) -> Iterator[_StoreDirs]:
+    """Create the store's directories where missing, open them and refuse the store unless it is safe for
+    this user to install from: the store, slots/, staging/ and trusted/ are real directories owned by this
+    user (root on a board) that nobody else can write, and no directory above the store can be changed by
+    another user. Raises :class:`AgentError` (one line: which path, and what to run)."""
+    owner = os.geteuid()
+    try:
+        store.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # a dangling symlink or a file: named by the check below
     except OSError as err:
         raise AgentError(
             f"cannot create the store {store} ({err.strerror}): run as root, or pass --store DIR "
             "(or set EDGETUNE_STORE) to a writable directory"
         ) from None
-    if not os.access(store, os.W_OK):
-        raise AgentError(
-            f"the store {store} is not writable: run as root, or pass --store DIR (or set EDGETUNE_STORE)"
-        )
+    real = Path(os.path.realpath(store))
+    fds: dict[str, int] = {}
+    try:
+        fds[""] = root = _open_checked(real, real, owner)
+        _check_above(real, owner)
+        for name in _STORE_SUBDIRS:
+            try:
+                os.mkdir(name, 0o755, dir_fd=root)
+            except FileExistsError:
+                pass
+            except OSError as err:
+                raise AgentError(f"cannot create {real / name} ({err.strerror}): run as root, or pass "
+                                 "--store DIR (or set EDGETUNE_STORE) to a writable directory") from None
+            fds[name] = _open_checked(real, real / name, owner, dir_fd=root)
+        if not os.access(real, os.W_OK):
+            raise AgentError(
+                f"the store {real} is not writable: run as root, or pass --store DIR (or set EDGETUNE_STORE)"
+            )
+        yield _StoreDirs(path=real, fd=root, slots=fds[SLOTS_DIR], staging=fds[STAGING_DIR])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 @contextlib.contextmanager
-def _locked(store: Path) -> Iterator[None]:
-    fd = os.open(store / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+def _locked(dirs: _StoreDirs) -> Iterator[None]:
+    try:
+        fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _CLOEXEC, 0o644, dir_fd=dirs.fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise _unsafe(dirs.path, dirs.path / LOCK_NAME, "a symbolic link", os.geteuid()) from None
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise AgentError(
-                f"another install or rollback is running on {store}: wait for it to finish and try again"
+                f"another install or rollback is running on {dirs.path}: wait for it to finish and try again"
             ) from None
         yield
     finally:
         os.close(fd)
 
 
-def _clear_leftovers(store: Path) -> None:
+def _remove(dir_fd: int, name: str) -> None:
+    """Remove the entry ``name`` of the directory ``dir_fd``: a directory tree through descriptors (a symlink
+    inside is removed, never followed), anything else (a symlink too) unlinked. Raises OSError."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _clear_leftovers(dirs: _StoreDirs) -> None:
     """Remove what an interrupted install left behind: staging dirs and temporary links."""
-    for entry in (store / STAGING_DIR).iterdir():
-        logger.info("removing leftover %s", entry)
-        shutil.rmtree(entry, ignore_errors=True)
-    for entry in store.iterdir():
-        if entry.name.startswith((f".{CURRENT}.", f".{PREVIOUS}.")) and entry.name.endswith(".tmp"):
+    for name in os.listdir(dirs.staging):
+        logger.info("removing leftover %s", dirs.path / STAGING_DIR / name)
+        with contextlib.suppress(OSError):
+            _remove(dirs.staging, name)
+    for name in os.listdir(dirs.fd):
+        if name.startswith((f".{CURRENT}.", f".{PREVIOUS}.")) and name.endswith(".tmp"):
             with contextlib.suppress(FileNotFoundError):
-                entry.unlink()
+                os.unlink(name, dir_fd=dirs.fd)
 
 
 def _slot_manifest(store: Path, slot: str) -> Manifest:
@@ -441,8 +583,8 @@ def _extract_files(tar: PackageTar, members: Iterator[Member], manifest: Manifes
 def _write_file(chunks: Iterator[bytes], dest: Path) -> str:
     """Write ``chunks`` to the new file ``dest`` (fsynced), hashing them on the way; their sha256."""
     digest = hashlib.sha256()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    _make_dirs(dest.parent)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o644)
     with os.fdopen(fd, "wb") as out:
         for chunk in chunks:
             digest.update(chunk)
@@ -452,14 +594,63 @@ def _write_file(chunks: Iterator[bytes], dest: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify_slot_files(slot_dir: Path, manifest: Manifest) -> str | None:
-    for name, digest in manifest.files.items():
-        path = slot_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if sha256_file(path) != digest:
-            return f"{name} does not match its sha256"
+def _make_dirs(path: Path) -> None:
+    """``path`` and its missing parents, each 0755 whatever the umask: a group-writable directory in a slot
+    would fail the slot's check."""
+    if path.is_dir():
+        return
+    _make_dirs(path.parent)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o755)
+
+
+def _verify_slot_files(slot_dir: Path, manifest: Manifest, exact: Mapping[str, bytes] | None = None) -> str | None:
+    """Why the slot ``slot_dir`` is not what ``manifest`` signed, or ``None``: every listed file is opened
+    without following a symlink, through directories only this user can write, and hashed from the bytes
+    read (what the self-check then loads); ``exact`` maps more names to their expected bytes (the verified
+    manifest.json)."""
+    owner = os.geteuid()
+    try:
+        slot_fd = open_dir(slot_dir)
+    except OSError as err:
+        return f"the slot {slot_dir.name} cannot be opened ({_os_reason(err)})"
+    try:
+        problem = dir_problem(os.fstat(slot_fd), owner)
+        if problem:
+            return f"the slot {slot_dir.name} is {problem}"
+        expected: dict[str, str | bytes] = {**manifest.files, **(exact or {})}
+        for name, want in expected.items():
+            try:
+                fd = open_beneath(slot_fd, name, owner)
+            except FileNotFoundError:
+                return f"{name} is missing"
+            except OSError as err:
+                return f"{name} cannot be opened safely ({_os_reason(err)})"
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_uid != owner or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                    return f"{name} can be written by someone other than {_who(owner)}"
+                if isinstance(want, bytes):
+                    if f.read(len(want) + 1) != want:
+                        return f"{name} differs from the verified one"
+                elif _sha256_of(f) != want:
+                    return f"{name} does not match its sha256"
+    finally:
+        os.close(slot_fd)
     return None
+
+
+def _sha256_of(f: Any, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    while block := f.read(chunk):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _os_reason(err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "a symbolic link"
+    return err.strerror or str(err)
 
 
 # --- self-check ------------------------------------------------------------------------------------
@@ -505,7 +696,7 @@ def _slot_name(store: Path, manifest_bytes: bytes) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     base = f"{stamp}-{hashlib.sha256(manifest_bytes).hexdigest()[:8]}"
     name, n = base, 1
-    while (store / SLOTS_DIR / name).exists():
+    while os.path.lexists(store / SLOTS_DIR / name):
         name, n = f"{base}-{n}", n + 1
     return name
 
@@ -563,18 +754,19 @@ def _downgrade_problem(store: Path, current: str | None, manifest: Manifest) -> 
             "the previous package with `edgetune-agent rollback`")
 
 
-def _prune(store: Path, current: str, previous: str | None) -> list[str]:
+def _prune(dirs: _StoreDirs, current: str, previous: str | None) -> list[str]:
     """Remove slots beyond KEEP_SLOTS: keep current, previous and the newest older ones. Slots newer than
     current that are not previous were never made current (an interrupted install) and go too."""
     keep = {current} | ({previous} if previous else set())
-    others = sorted((p.name for p in (store / SLOTS_DIR).iterdir() if p.is_dir() and p.name not in keep), reverse=True)
+    others = sorted((name for name in os.listdir(dirs.slots) if name not in keep
+                     and stat.S_ISDIR(os.stat(name, dir_fd=dirs.slots, follow_symlinks=False).st_mode)), reverse=True)
     history = [s for s in others if s < current][: max(0, KEEP_SLOTS - len(keep))]
     removed = []
     for slot in others:
         if slot in history:
             continue
         try:
-            shutil.rmtree(store / SLOTS_DIR / slot)
+            _remove(dirs.slots, slot)
             removed.append(slot)
         except OSError as err:
             logger.warning("could not remove old slot %s: %s", slot, err)
@@ -596,6 +788,8 @@ def install(
     ``on_step(step)`` is called as each of :data:`STEPS` begins. Raises :class:`InstallError` (one line:
     what failed and what to do; nothing else for a hostile package) with ``rolled_back`` set when the
     package had reached the store and was taken out again, and ``current`` the slot in use afterwards.
+    A store (or ``trust_dir``) another user could change is refused at the step "extract", before anything
+    is written (see the module's docstring).
 
     Versions: a package built (its signed ``created``) before the current one is refused unless
     ``allow_downgrade``. A signed package never expires, so without this anyone holding an old one could
@@ -611,22 +805,26 @@ def install(
 
     pkg = Path(pkg_path)
     store_dir = resolve_store(store)
-    trusted = Path(trust_dir) if trust_dir is not None else store_dir / TRUSTED_DIR
     if pkg.name.endswith(_PART_SUFFIX):
         raise InstallError("extract", f"{pkg} is an unfinished upload (.part): flash the package again")
     if not pkg.is_file():
         raise InstallError("extract", f"package {pkg} not found: give the path of a .etpkg file made by `edgetune package`")
     try:
-        _prepare(store_dir)
-        with _locked(store_dir):
+        with _checked_store(store_dir) as dirs, _locked(dirs):
+            store_dir = dirs.path
+            trusted = dirs.path / TRUSTED_DIR
+            if trust_dir is not None and os.path.lexists(trust_dir):
+                trusted = check_trust_dir(Path(trust_dir))
+            elif trust_dir is not None:
+                trusted = Path(trust_dir)
             try:
-                _clear_leftovers(store_dir)
-                result = _install_locked(pkg, store_dir, trusted, profile, step, allow_downgrade)
+                _clear_leftovers(dirs)
+                result = _install_locked(pkg, dirs, trusted, profile, step, allow_downgrade)
             except (AgentError, OSError) as err:
                 raise _install_error(err, current_step[0], store_dir) from None
     except InstallError:
         raise
-    except (AgentError, OSError) as err:  # the store cannot be made, or another install holds it
+    except (AgentError, OSError) as err:  # the store cannot be made, is unsafe, or another install holds it
         raise _install_error(err, "extract", store_dir) from None
     logger.info("installed %s into %s", result.model_name, result.slot)
     return result
@@ -646,15 +844,17 @@ def _install_error(err: AgentError | OSError, step: str, store_dir: Path) -> Ins
     return err
 
 
-def _install_locked(pkg: Path, store_dir: Path, trusted: Path, profile: Mapping[str, Any] | Any | None,
+def _install_locked(pkg: Path, dirs: _StoreDirs, trusted: Path, profile: Mapping[str, Any] | Any | None,
                     step: Callable[[str], None], allow_downgrade: bool) -> InstallResult:
+    store_dir = dirs.path
     old_current = _link_target(store_dir, CURRENT)
     old_previous = _link_target(store_dir, PREVIOUS)
-    manifest, signer, slot = _stage(pkg, store_dir, trusted, profile, step, old_current, allow_downgrade)
+    manifest, manifest_bytes, signer, slot = _stage(pkg, dirs, trusted, profile, step, old_current, allow_downgrade)
     slot_dir = store_dir / SLOTS_DIR / slot
     try:
         # The check runs on the slot before it becomes current: a package that fails it is never used.
         step("self-check")
+        _check_slot_unchanged(store_dir, slot_dir, manifest, manifest_bytes, old_current)
         check = run_selfcheck_process(slot_dir)
         if not check.ok:
             raise InstallError(
@@ -676,11 +876,12 @@ def _install_locked(pkg: Path, store_dir: Path, trusted: Path, profile: Mapping[
     except BaseException:
         # Never a slot nobody uses, and never the removal of the one current points at.
         if _link_target(store_dir, CURRENT) != slot:
-            shutil.rmtree(slot_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _remove(dirs.slots, slot)
         raise
 
     step("prune")
-    pruned = _prune(store_dir, slot, old_current)
+    pruned = _prune(dirs, slot, old_current)
     return InstallResult(
         store=str(store_dir), slot=slot, previous=old_current, model_name=manifest.model_name,
         model_sha256=manifest.model_sha256, key=manifest.key, package_sha256=package_sha256,
@@ -689,11 +890,30 @@ def _install_locked(pkg: Path, store_dir: Path, trusted: Path, profile: Mapping[
     )
 
 
-def _stage(pkg: Path, store_dir: Path, trusted: Path, profile: Mapping[str, Any] | Any | None,
-           step: Callable[[str], None], old_current: str | None, allow_downgrade: bool) -> tuple[Manifest, TrustedKey, str]:
-    """Unpack and verify the package in staging/, check it suits this board, move it into a new slot."""
-    staging = store_dir / STAGING_DIR / secrets.token_hex(8)
-    staging.mkdir()
+def _check_slot_unchanged(store_dir: Path, slot_dir: Path, manifest: Manifest, manifest_bytes: bytes,
+                          old_current: str | None) -> None:
+    """Hash the new slot again, after the rename that made it a slot and before the self-check loads it: what
+    is loaded, checked and made current is what the signature covers. Raises :class:`InstallError`."""
+    problem = _verify_slot_files(slot_dir, manifest, {MANIFEST_NAME: manifest_bytes})
+    if problem:
+        raise InstallError(
+            "self-check",
+            f"the new slot changed after it was verified ({problem}); install rolled back, "
+            f"{_describe(store_dir, old_current)}: something else writes {store_dir}, make it writable by "
+            f"{_who(os.geteuid())} alone",
+            rolled_back=True,
+        )
+
+
+def _stage(pkg: Path, dirs: _StoreDirs, trusted: Path, profile: Mapping[str, Any] | Any | None,
+           step: Callable[[str], None], old_current: str | None,
+           allow_downgrade: bool) -> tuple[Manifest, bytes, TrustedKey, str]:
+    """Unpack and verify the package in staging/, check it suits this board, move it into a new slot.
+    Returns the manifest, its verified bytes, the key that signed it and the slot's name."""
+    store_dir = dirs.path
+    name = secrets.token_hex(8)
+    os.mkdir(name, 0o755, dir_fd=dirs.staging)
+    staging = store_dir / STAGING_DIR / name
     try:
         step("extract")
         manifest, manifest_bytes, signer = _unpack(pkg, staging, trusted, step)
@@ -707,17 +927,17 @@ def _stage(pkg: Path, store_dir: Path, trusted: Path, profile: Mapping[str, Any]
 
         step("slot")
         slot = _slot_name(store_dir, manifest_bytes)
-        slot_dir = store_dir / SLOTS_DIR / slot
-        os.rename(staging, slot_dir)
+        os.rename(name, slot, src_dir_fd=dirs.staging, dst_dir_fd=dirs.slots)
         try:
-            fsync_dir(store_dir / SLOTS_DIR)
+            os.fsync(dirs.slots)
         except OSError:
-            shutil.rmtree(slot_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _remove(dirs.slots, slot)
             raise
-        return manifest, signer, slot
+        return manifest, manifest_bytes, signer, slot
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _remove(dirs.staging, name)
 
 
 def _switch(store_dir: Path, slot: str, old_current: str | None, old_previous: str | None,
@@ -754,12 +974,14 @@ def _version_warnings(manifest: Manifest) -> list[str]:
 
 def rollback(store: str | os.PathLike[str] | None = None) -> RollbackResult:
     """Make ``previous`` current again (and the current one previous). Raises :class:`AgentError` when
-    there is no previous package, its files are damaged, or the links cannot be switched (then
-    ``current`` is left on a complete slot)."""
+    the store is not safe for this user (see the module's docstring), there is no previous package, its
+    files are damaged (each is hashed again, opened without following symlinks), or the links cannot be
+    switched (then ``current`` is left on a complete slot)."""
     store_dir = resolve_store(store)
     if not (store_dir / SLOTS_DIR).is_dir():
         raise AgentError(f"{store_dir} holds no installed package: flash one with `edgetune flash`")
-    with _locked(store_dir):
+    with _checked_store(store_dir) as dirs, _locked(dirs):
+        store_dir = dirs.path
         current = _link_target(store_dir, CURRENT)
         previous = _link_target(store_dir, PREVIOUS)
         if previous is None or previous == current:
@@ -816,7 +1038,9 @@ def status(store: str | os.PathLike[str] | None = None) -> StoreStatus:
 
 def trust(pubkey_path: str | os.PathLike[str], store: str | os.PathLike[str] | None = None,
           trust_dir: str | os.PathLike[str] | None = None) -> TrustResult:
-    """Add a public key (OpenSSH ``ssh-ed25519`` line) to the trust directory. Raises :class:`AgentError`."""
+    """Add a public key (OpenSSH ``ssh-ed25519`` line) to the trust directory (``trust_dir``, else the store's
+    ``trusted/``). Raises :class:`AgentError`, also when that directory or the store is not safe for this
+    user (see the module's docstring)."""
     src = Path(pubkey_path)
     try:
         text = src.read_text(encoding="utf-8")
@@ -824,12 +1048,25 @@ def trust(pubkey_path: str | os.PathLike[str], store: str | os.PathLike[str] | N
         raise AgentError(f"cannot read {src} ({err}): give the .pub file `edgetune keys init` wrote") from None
     key = load_public_key(text, str(src))
     fp = fingerprint(key)
-    directory = Path(trust_dir) if trust_dir is not None else resolve_store(store) / TRUSTED_DIR
+    if trust_dir is None:
+        with _checked_store(resolve_store(store)) as dirs:
+            return _add_key(dirs.path / TRUSTED_DIR, text, fp)
+    directory = Path(trust_dir)
+    try:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as err:
+        raise AgentError(
+            f"cannot create the trust directory {directory} ({err.strerror}): run as root or pass --store/--trust-dir"
+        ) from None
+    return _add_key(check_trust_dir(directory), text, fp)
+
+
+def _add_key(directory: Path, text: str, fp: str) -> TrustResult:
+    """Write the key ``text`` (fingerprint ``fp``) into the checked trust directory, unless it is there."""
     for known in load_trusted_keys(directory):
         if known.fingerprint == fp:
             return TrustResult(path=known.source, fingerprint=fp, added=False)
     try:
-        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         safe = "".join(c for c in fp.split(":", 1)[1] if c.isalnum())[:16]
         dest = directory / f"ed25519-{safe}.pub"
         write_atomic(dest, (text.strip().splitlines()[0] + "\n").encode())
@@ -838,4 +1075,3 @@ def trust(pubkey_path: str | os.PathLike[str], store: str | os.PathLike[str] | N
             f"cannot write to the trust directory {directory} ({err.strerror}): run as root or pass --store/--trust-dir"
         ) from None
     return TrustResult(path=str(dest), fingerprint=fp, added=True)
-
