@@ -17,9 +17,11 @@
 #   2. pip install SOURCE into it: the base install, which is the board agent (TVM runtime, RPC, mDNS);
 #   3. links /usr/local/bin/edgetune-agent, the command `edgetune flash` runs over SSH;
 #   4. writes /etc/default/edgetune-agent (keeps what is there, changes only the values given);
-#   5. makes the system user edgetune and installs edgetune-agent.service (next to this script),
-#      enabled and (re)started;
-#   6. prints `edgetune-agent probe` and what to do next.
+#   5. makes the system user edgetune, gives the store (/var/lib/edgetune) to root alone and the
+#      service its own state directory /var/lib/edgetune-rpc (store-layout.sh, next to this script:
+#      it also takes back a store an older install gave to edgetune);
+#   6. installs edgetune-agent.service (next to this script), enabled and (re)started;
+#   7. prints `edgetune-agent probe` and what to do next.
 set -euo pipefail
 
 PREFIX=/opt/edgetune
@@ -29,6 +31,10 @@ ENV_FILE=/etc/default/edgetune-agent
 UNIT_NAME=edgetune-agent.service
 UNIT_FILE="/etc/systemd/system/$UNIT_NAME"
 LINK=/usr/local/bin/edgetune-agent
+LAYOUT_SCRIPT="store-layout.sh"
+# The service's own state directory: StateDirectory=edgetune-rpc in the unit.
+RPC_STATE=/var/lib/edgetune-rpc
+SERVICE_USER=edgetune
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # How long to watch the service after (re)starting it before calling it up (importing TVM takes a few
 # seconds on a Pi 4).
@@ -113,6 +119,7 @@ elif [[ "$source_arg" == */* || "$source_arg" == *.whl || "$source_arg" == *.tar
 fi
 
 [ -f "$SCRIPT_DIR/$UNIT_NAME" ] || die "$SCRIPT_DIR/$UNIT_NAME not found: run this script from an edgetune checkout's deploy/ folder"
+[ -f "$SCRIPT_DIR/$LAYOUT_SCRIPT" ] || die "$SCRIPT_DIR/$LAYOUT_SCRIPT not found: run this script from an edgetune checkout's deploy/ folder"
 
 apt_install() {
     export DEBIAN_FRONTEND=noninteractive
@@ -185,17 +192,26 @@ tracker="$(get_var EDGETUNE_TRACKER)"
 store="$(get_var EDGETUNE_STORE)"
 store="${store:-/var/lib/edgetune}"
 
+# --- 5. the service user, the store (root's) and the service's own state ----------------------------------
+if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
+    useradd --system --home-dir "$RPC_STATE" --no-create-home --shell /usr/sbin/nologin "$SERVICE_USER" \
+        || die "useradd $SERVICE_USER failed (see above): the service runs as this user"
+    say "created the system user $SERVICE_USER"
+fi
+# An older unit made the store its StateDirectory, which systemd gives to the service user on every
+# start: stop it before taking the store back (the new unit, installed below, leaves the store alone).
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null && systemctl is-active --quiet "$UNIT_NAME"; then
+    systemctl stop "$UNIT_NAME" || die "systemctl stop $UNIT_NAME failed: the store cannot be taken back while it runs"
+fi
+bash "$SCRIPT_DIR/$LAYOUT_SCRIPT" "$store" "$RPC_STATE" "$SERVICE_USER" \
+    || die "could not give $store to root (see above)"
+
 # --- trust a signing key --------------------------------------------------------------------------------
 if [ -n "$trust" ]; then
     "$AGENT" trust "$trust" --store "$store" || die "edgetune-agent trust $trust failed (see above)"
 fi
 
-# --- 5. the service user and the systemd unit ---------------------------------------------------------
-if ! id -u edgetune >/dev/null 2>&1; then
-    useradd --system --home-dir /var/lib/edgetune --no-create-home --shell /usr/sbin/nologin edgetune \
-        || die "useradd edgetune failed (see above): the service runs as this user"
-    say "created the system user edgetune"
-fi
+# --- 6. the systemd unit ----------------------------------------------------------------------------------
 # The team key: readable by root and the agent's group only (the agent refuses to start without one).
 if [ -n "$team_key" ]; then
     install -d -m 0755 /etc/edgetune
@@ -218,11 +234,11 @@ if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
         die "$UNIT_NAME did not stay up (its log is above): fix $ENV_FILE, then systemctl restart edgetune-agent"
     fi
 else
-    say "systemd is not running here: installed $UNIT_FILE but did not start it; start the agent by hand:"
-    say "  $AGENT serve --key $key${tracker:+ --tracker $tracker}"
+    say "systemd is not running here: installed $UNIT_FILE but did not start it; start the agent by hand, as $SERVICE_USER:"
+    say "  runuser -u $SERVICE_USER -- env EDGETUNE_RPC_STATE_DIR=$RPC_STATE $AGENT serve --key $key${tracker:+ --tracker $tracker}"
 fi
 
-# --- 6. what this board is, and what next --------------------------------------------------------------
+# --- 7. what this board is, and what next --------------------------------------------------------------
 echo
 "$AGENT" probe || say "edgetune-agent probe failed (see above)"
 cat <<EOF

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,12 +34,14 @@ class ServeOptions:
     open_mode: bool = False  # sessions for anyone on the network (stock TVM clients), with a warning
 
 
-def board_id(store: str) -> str:
-    """A stable id for this board, kept in the store: survives restarts and address changes.
+def board_id(state_dir: str, legacy_store: str | None = None) -> str:
+    """A stable id for this board, kept in the RPC server's own state directory (not the store, which the
+    RPC server must not be able to write): survives restarts and address changes. An id an older agent kept
+    in ``legacy_store`` is carried over, so the board keeps its identity.
 
-    Raises :class:`AgentError` when the store cannot be written.
+    Raises :class:`AgentError` when the state directory cannot be written.
     """
-    path = Path(store) / "board-id"
+    path = Path(state_dir) / "board-id"
     try:
         existing = path.read_text().strip()
         if existing:
@@ -46,15 +49,20 @@ def board_id(store: str) -> str:
     except FileNotFoundError:
         pass
     except OSError as err:
-        raise AgentError(f"cannot read {path} ({err.strerror}): check --store") from None
-    new_id = uuid.uuid4().hex
+        raise AgentError(f"cannot read {path} ({err.strerror}): check EDGETUNE_RPC_STATE_DIR") from None
+    old = ""
+    if legacy_store:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            old = (Path(legacy_store) / "board-id").read_text().strip()
+    new_id = old if len(old) == 32 and all(c in "0123456789abcdef" for c in old) else uuid.uuid4().hex
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(new_id + "\n")
         os.replace(tmp, path)
     except OSError as err:
-        raise AgentError(f"cannot write the board id to {path} ({err.strerror}): pass a writable --store") from None
+        raise AgentError(f"cannot write the board id to {path} ({err.strerror}): set EDGETUNE_RPC_STATE_DIR "
+                         "to a writable directory") from None
     return new_id
 
 
@@ -123,7 +131,7 @@ def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         profile = probe.read_profile()
-        record = make_record(options, port, profile, board_id(store))
+        record = make_record(options, port, profile, board_id(config.rpc_state_dir(store), legacy_store=store))
         ort_bench.register()  # ONNX Runtime on the board, for `edgetune bench`
         if options.advertise or options.tracker is None:
             zc = open_zeroconf()

@@ -86,6 +86,20 @@ def default_store() -> str:
     return os.path.join(os.path.expanduser("~"), ".local", "share", "edgetune")
 
 
+def rpc_state_dir(store: str | None = None) -> str:
+    """Where ``serve`` (the RPC server) keeps its own state, the board id: ``$EDGETUNE_RPC_STATE_DIR``, else
+    the directory beside the store with ``-rpc`` added (/var/lib/edgetune-rpc beside /var/lib/edgetune).
+
+    Never inside the store: root installs packages there and runs them, while the RPC server runs whatever
+    code a client uploads, so it must not be able to write the store. The systemd unit gives it
+    ``StateDirectory=edgetune-rpc`` and a read-only view of the store.
+    """
+    env = os.environ.get("EDGETUNE_RPC_STATE_DIR")
+    if env:
+        return env
+    return os.path.normpath(store if store is not None else default_store()) + "-rpc"
+
+
 # --- limits on a package the store reads, checked before the bytes they bound are read or written -----
 # A package is untrusted until its manifest's signature is verified, and that signature covers only the
 # files the manifest lists: the tar around them must not cost the board memory, disk or minutes first.

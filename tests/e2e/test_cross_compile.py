@@ -270,7 +270,8 @@ def installed(bed: Bed, tuned: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 def test_devices_finds_the_board_by_its_own_mdns_advertisement(bed: Bed) -> None:
     h = bed.handle
-    board_id = (h.rootfs / STORE.lstrip("/") / "board-id").read_text().strip()
+    # The agent keeps its board id in its own state directory beside the store (config.rpc_state_dir).
+    board_id = (h.rootfs / (STORE + "-rpc").lstrip("/") / "board-id").read_text().strip()
     rows: list[dict[str, Any]] = []
     last: subprocess.CompletedProcess | None = None
 

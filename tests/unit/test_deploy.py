@@ -4,11 +4,15 @@ commands and options that exist (checked against the real ``--help`` output)."""
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -105,8 +109,8 @@ def test_unit_runs_the_agent_as_documented() -> None:
     assert service["EnvironmentFile"] == "-/etc/default/edgetune-agent"
     assert service["Restart"] == "on-failure"
     assert service["KillMode"] == "control-group"
-    assert service["StateDirectory"] == "edgetune"
-    # The store the agent writes must be the StateDirectory (ProtectSystem=strict forbids any other).
+    assert service["StateDirectory"] == "edgetune-rpc"
+    # The store root installs into; the agent itself writes only its StateDirectory (ProtectSystem=strict).
     environment = [v for k, v in entries["Service"] if k == "Environment"]
     assert "EDGETUNE_STORE=%S/edgetune" in environment
     assert service["ProtectSystem"] == "strict"
@@ -125,6 +129,143 @@ def test_environment_file_example_names_only_known_settings() -> None:
     for name in names:
         assert name in unit or name in known, f"{name} in edgetune-agent.default is used by nothing"
     assert "EDGETUNE_KEY" in names
+
+
+# --- who can write the board's store ---------------------------------------------------------------------
+
+LAYOUT_SCRIPT = DEPLOY / "store-layout.sh"
+# What systemd's specifiers stand for in a system unit.
+_SPECIFIERS = {"%S": "/var/lib", "%C": "/var/cache", "%L": "/var/log", "%t": "/run"}
+# useradd, userdel, runuser and the layout script: each well under a second.
+USER_CMD_SEC = 60.0
+
+
+def _expand(path: str) -> str:
+    path = path.lstrip("-+:")  # "-": ignore if missing; "+"/":": prefixes of some path settings
+    for spec, value in _SPECIFIERS.items():
+        path = path.replace(spec, value)
+    return path.rstrip("/")
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def test_unit_gives_the_rpc_user_no_way_to_write_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: the RPC server ran with the store as its StateDirectory, so code uploaded to it could change
+    what root installs. Every path the unit makes writable for the service must stay clear of the store."""
+    entries = _unit_entries(UNIT.read_text())["Service"]
+    service = dict(entries)
+
+    def values(key: str) -> list[str]:
+        return [word for k, v in entries if k == key for word in v.split()]
+
+    environment = dict(v.split("=", 1) for k, v in entries if k == "Environment")
+    store = _expand(environment["EDGETUNE_STORE"])
+    assert store == "/var/lib/edgetune"
+    writable = ([f"/var/lib/{d}" for d in values("StateDirectory")]
+                + [f"/var/cache/{d}" for d in values("CacheDirectory")]
+                + [f"/var/log/{d}" for d in values("LogsDirectory")]
+                + [_expand(p) for p in values("ReadWritePaths")])
+    assert writable, "the service has no state directory of its own"
+    for path in writable:
+        assert not _overlaps(path, store), f"the unit lets the RPC user write {path}, which overlaps the store {store}"
+    # Everything else is read-only to the service, the store explicitly so.
+    assert service["ProtectSystem"] == "strict"
+    assert store in [_expand(p) for p in values("ReadOnlyPaths")]
+    assert service["User"] not in ("", "root", "0") and service.get("DynamicUser", "no") == "no"
+    # The agent's own state is in its StateDirectory, and the agent's default agrees with the unit.
+    state = _expand(environment["EDGETUNE_RPC_STATE_DIR"])
+    assert state in writable and _expand(environment["HOME"]) == state
+    from device_agent.config import rpc_state_dir
+
+    monkeypatch.delenv("EDGETUNE_RPC_STATE_DIR", raising=False)
+    assert rpc_state_dir(store) == state
+    # install-agent.sh makes the store root's before anything trusts or starts from it.
+    script = INSTALL_SCRIPT.read_text()
+    layout = script.index('bash "$SCRIPT_DIR/$LAYOUT_SCRIPT" "$store" "$RPC_STATE" "$SERVICE_USER"')
+    assert layout < script.index('"$AGENT" trust') < script.index('systemctl restart "$UNIT_NAME"')
+    assert "RPC_STATE=/var/lib/edgetune-rpc" in script and "SERVICE_USER=edgetune" in script
+
+
+@pytest.fixture()
+def rpc_user() -> Iterator[str]:
+    """A throwaway unprivileged system user, the RPC server's stand-in; removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("this test creates a user (useradd): run it as root, as `make test` does")
+    name = f"et-rpc-{secrets.token_hex(3)}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                    "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True, timeout=USER_CMD_SEC)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=USER_CMD_SEC)
+
+
+def test_store_layout_takes_the_store_back_from_the_rpc_user(rpc_user: str, tmp_path: Path) -> None:
+    """A store as an older install left it (the RPC user's StateDirectory), given to root by the script
+    install-agent.sh runs: afterwards the real RPC user can read the store but change nothing in it, writes
+    its own state directory, and keeps its board id; root's store check accepts the store."""
+    from device_agent import store as store_mod
+    from device_agent.errors import AgentError
+    from host.package import init_keys
+
+    pub = Path(init_keys(tmp_path / "keys" / "signing_key").public_path)
+    # Under /tmp (sticky, as on a board /var/lib is root's) so that the user can reach it at all.
+    base = Path(tempfile.mkdtemp(prefix="edgetune-layout-"))
+    try:
+        base.chmod(0o755)
+        store, state = base / "edgetune", base / "edgetune-rpc"
+        slot = store / "slots" / "20260101T000000Z-0123abcd"
+        for sub in (store / "staging", slot, store / "trusted"):
+            sub.mkdir(parents=True)
+        (slot / "model.so").write_bytes(b"model bytes")
+        (store / "trusted" / "ed25519-planted.pub").write_text("ssh-ed25519 AAAAplanted planted@rpc\n")
+        os.symlink("slots/" + slot.name, store / "current")
+        board_id = secrets.token_hex(16)
+        (store / "board-id").write_text(board_id + "\n")
+        user = pwd.getpwnam(rpc_user)
+        for path in (store, *store.rglob("*")):
+            os.lchown(path, user.pw_uid, user.pw_gid)
+
+        def as_user(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["runuser", "-u", rpc_user, "--", *argv], capture_output=True, text=True,
+                                  timeout=USER_CMD_SEC)
+
+        assert as_user("touch", f"{store}/staging/planted").returncode == 0  # the old layout's hole
+        with pytest.raises(AgentError, match=f"is owned by {rpc_user}, not root"):
+            store_mod.trust(pub, store)
+
+        layout = [str(LAYOUT_SCRIPT), str(store), str(state), rpc_user]
+        proc = subprocess.run(["bash", *layout], capture_output=True, text=True, timeout=USER_CMD_SEC)
+        assert proc.returncode == 0, proc.stderr
+        assert "making it root's" in proc.stderr and "ed25519-planted.pub" in proc.stderr
+
+        for argv in (["touch", f"{store}/new"], ["touch", f"{store}/staging/new"], ["mkdir", f"{store}/slots/new"],
+                     ["mv", f"{store}/staging", f"{store}/elsewhere"], ["ln", "-sfn", "/", f"{store}/current"],
+                     ["rm", "-rf", f"{store}/trusted"], ["touch", f"{store}/trusted/mine.pub"],
+                     ["sh", "-c", f"echo tampered >> {slot}/model.so"], ["chmod", "0777", str(store)]):
+            result = as_user(*argv)
+            assert result.returncode != 0, f"{rpc_user} could still run {' '.join(argv)} on the store"
+        assert as_user("cat", f"{store}/current/model.so").stdout == "model bytes"
+        assert as_user("touch", f"{state}/session-state").returncode == 0
+        assert (state / "board-id").read_text().strip() == board_id and not (store / "board-id").exists()
+        assert os.stat(state).st_uid == user.pw_uid
+
+        # root's rule accepts the store now; a second run has nothing to take back.
+        assert store_mod.trust(pub, store).added
+        again = subprocess.run(["bash", *layout], capture_output=True, text=True, timeout=USER_CMD_SEC)
+        assert again.returncode == 0 and "making it root's" not in again.stderr, again.stderr
+        assert (state / "board-id").read_text().strip() == board_id
+    finally:
+        shutil.rmtree(base)
+
+
+def test_store_layout_refuses_a_state_dir_inside_the_store(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(LAYOUT_SCRIPT), str(tmp_path / "store"), str(tmp_path / "store" / "rpc"), "nobody"],
+                          capture_output=True, text=True, timeout=USER_CMD_SEC)
+    assert proc.returncode == 1 and "inside the store" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "store").exists()
 
 
 # --- shell scripts ---------------------------------------------------------------------------------------
