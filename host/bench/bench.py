@@ -11,6 +11,7 @@ against ONNX Runtime's on the workstation for the same input.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -28,7 +29,7 @@ from .. import config
 from ..errors import EdgetuneError
 from ..models.onnx_import import load_onnx
 from ..toolchain import check_target, toolchain_for
-from ..tracker.client import TrackerAddr, request_session
+from ..tracker.client import TrackerAddr, open_board_session
 
 logger = logging.getLogger(__name__)
 
@@ -99,45 +100,59 @@ def time_on_board(tracker: TrackerAddr, key: str, module_path: Path, inputs: lis
 
     from ..build.build import flatten_outputs
 
-    session, board = _board_session(tracker, key, deadline_sec)
     remote_name = f"bench-{label}-{os.getpid()}.so"
-    try:
-        session.upload(str(module_path), remote_name)
-        dev = session.cpu()
-        start = time.perf_counter()
-        rlib = session.load_module(remote_name)
-        vm = VirtualMachine(rlib, dev)
-        args = [tvm.runtime.tensor(a, dev) for a in inputs]
-        out = vm["main"](*args)
-        outputs = flatten_outputs(out)
-        first_load_ms = (time.perf_counter() - start) * 1000
-        err = None
-        if expected is not None:
-            err = max(float(np.max(np.abs(o.astype("float64") - e.astype("float64")))) for o, e in zip(outputs, expected))
-        vm.set_input("main", *args)
-        for _ in range(WARMUP_RUNS):
-            vm.invoke_stateful("main")
-        timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=runs)
-        secs = [float(s) for s in timer("main").results]
-    except EdgetuneError:
-        raise
-    except Exception as err:  # noqa: BLE001 - anything the board raises: one line
-        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        raise EdgetuneError(f"benchmark of the {label} build on board {board} failed: "
-                            f"{(lines[-1] if lines else type(err).__name__)[:300]}") from None
-    finally:
+    with _board_session(tracker, key, deadline_sec, f"benchmark of the {label} build") as (session, board):
         try:
-            session.remove(remote_name)
-        except Exception:  # noqa: BLE001 - the session may be gone
-            pass
+            session.upload(str(module_path), remote_name)
+            dev = session.cpu()
+            start = time.perf_counter()
+            rlib = session.load_module(remote_name)
+            vm = VirtualMachine(rlib, dev)
+            args = [tvm.runtime.tensor(a, dev) for a in inputs]
+            out = vm["main"](*args)
+            outputs = flatten_outputs(out)
+            first_load_ms = (time.perf_counter() - start) * 1000
+            err = None
+            if expected is not None:
+                err = max(float(np.max(np.abs(o.astype("float64") - e.astype("float64")))) for o, e in zip(outputs, expected))
+            vm.set_input("main", *args)
+            for _ in range(WARMUP_RUNS):
+                vm.invoke_stateful("main")
+            timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=runs)
+            secs = [float(s) for s in timer("main").results]
+        finally:
+            try:
+                session.remove(remote_name)
+            except Exception:  # noqa: BLE001 - the session may be gone
+                pass
     ms = [s * 1000 for s in secs]
     return Timing(label, len(ms), percentile(ms, 50), percentile(ms, 90), percentile(ms, 99),
                   float(np.mean(ms)), first_load_ms, err, board)
 
 
-def _board_session(tracker: TrackerAddr, key: str, deadline_sec: float | None):
+@contextlib.contextmanager
+def _board_session(tracker: TrackerAddr, key: str, deadline_sec: float | None, what: str):
+    """``(session, "host:port")`` of a free board of ``key`` for one benchmark, every wait on it bounded: a
+    board that stops answering (power cut, frozen) fails it ``BOARD_ANSWER_GRACE_SEC`` after the session's
+    timeout with a sentence saying so. Anything the board raises becomes one :class:`EdgetuneError` line
+    naming ``what`` failed."""
     wait = config.NO_BOARD_DEADLINE_SEC if deadline_sec is None else deadline_sec
-    return request_session(tracker, key, config.BENCH_SESSION_SEC, time.monotonic() + wait)
+    opened = open_board_session(tracker, key, config.BENCH_SESSION_SEC, time.monotonic() + wait,
+                                answer_within_sec=config.BENCH_SESSION_SEC + config.BOARD_ANSWER_GRACE_SEC)
+    try:
+        yield opened.session, opened.board
+    except EdgetuneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - anything the board raises: one line
+        silent = opened.stopped_answering(err)
+        if silent is not None:
+            opened.cut()
+            raise EdgetuneError(silent) from None
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        raise EdgetuneError(f"{what} on board {opened.board} failed: "
+                            f"{(lines[-1] if lines else type(err).__name__)[:300]}") from None
+    finally:
+        opened.close()
 
 
 def onnxruntime_on_board(tracker: TrackerAddr, key: str, onnx_path: Path, inputs: dict[str, np.ndarray],
@@ -150,10 +165,10 @@ def onnxruntime_on_board(tracker: TrackerAddr, key: str, onnx_path: Path, inputs
     """
     from device_agent.ort_bench import FUNCTION
 
-    session, board = _board_session(tracker, key, deadline_sec)
     stem = f"bench-ort-{os.getpid()}"
     names = (f"{stem}.onnx", f"{stem}-in.npz", f"{stem}-out.npz")
-    with tempfile.TemporaryDirectory(prefix="edgetune-ort-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgetune-ort-") as tmp, \
+            _board_session(tracker, key, deadline_sec, "ONNX Runtime benchmark") as (session, board):
         local_in = Path(tmp) / "in.npz"
         np.savez(local_in, **inputs)
         try:
@@ -171,10 +186,6 @@ def onnxruntime_on_board(tracker: TrackerAddr, key: str, onnx_path: Path, inputs
                 return None, f"board {board}: {answer.get('error')}"
             outputs = np.load(io.BytesIO(bytes(session.download(names[2]))))
             got = [outputs[f"output_{i}"] for i in range(len(outputs.files))]
-        except Exception as err:  # noqa: BLE001 - anything the board raises: one line
-            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-            raise EdgetuneError(f"ONNX Runtime benchmark on board {board} failed: "
-                                f"{(lines[-1] if lines else type(err).__name__)[:300]}") from None
         finally:
             for name in names:
                 try:

@@ -292,3 +292,29 @@ def test_ctrl_c_during_flash_reports_every_board_at_once(
         row = next(line for line in stdout.splitlines() if line.startswith(name + " "))
         assert " failed " in row and "interrupted (Ctrl-C) while installing" in row, stdout
     assert "0 of 2 boards flashed, 2 failed" in stdout
+
+
+def test_bench_on_a_board_frozen_mid_measurement_fails_at_its_deadline(peers, host_target, tmp_path):
+    # A board's bench session lasts at most 8 s here, so one silent for 8 + 2 s is taken as gone.
+    env = {**peer_env(), "EDGETUNE_BENCH_SESSION_SEC": "8", "EDGETUNE_BOARD_ANSWER_GRACE_SEC": "2"}
+    tracker = peers.tracker(advertise=False)
+    addr = f"127.0.0.1:{tracker.port}"
+    agent = peers.agent("benchfrozen", "bench-frozen", addr, advertise=False)
+    wait_registered(tracker.port, "benchfrozen")
+    # Enough timed runs of the untuned tiny CNN to keep the board measuring for longer than the session.
+    proc = subprocess.Popen([EDGETUNE, "bench", "tiny_cnn", "--device", "benchfrozen", "--tracker", addr,
+                             "--target", json.dumps(host_target), "--runs", "1000000", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        frozen_at = freeze_in_session(agent, tracker.port, timeout=240)
+        _, stderr = proc.communicate(timeout=STOP_LIMIT_SEC)
+        ended = time.monotonic() - frozen_at
+    finally:
+        thaw(agent)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"\nbench ended {ended:.1f} s after the board froze")
+    assert proc.returncode == 1, stderr[-3000:]
+    assert f"board 127.0.0.1:{agent.port} stopped answering" in stderr and "Traceback" not in stderr
+    assert ended < 8 + 2 + 10
