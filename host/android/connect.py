@@ -238,8 +238,8 @@ def connect_phone(serial: str, tracker: TrackerAddr, key: str | None = None, rpc
         notes.append(_manual_start(key, tracker, rpc_port))
     path = record_phone(RecordedPhone(serial=phone.info.serial, adb_serial=serial, key=key, rpc_port=rpc_port,
                                       board=phone.board(), connected=now_iso()))
-    notes.append(f"plain TVM RPC boards cannot present an agent's credential: the tracker must let key {key} in "
-                 f"explicitly (`{tracker_option(key)}`)")
+    notes.append(f"tvm_rpc cannot prove the team key the agents hold: the tracker must let key {key} in explicitly "
+                 f"(`{tracker_option(key)}`)")
     notes.append(_ndk_note(phone.profile.target))
     return ConnectResult(serial=phone.info.serial, adb_serial=serial, key=key, phone=phone.info.as_dict(),
                          target=phone.profile.target, tracker=f"{tracker[0]}:{tracker[1]}", rpc_port=rpc_port,
