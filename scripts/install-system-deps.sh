@@ -8,8 +8,8 @@ packages=(g++ make)
 if [ "$mode" = test ]; then
   # sshd for the flashing tests, the aarch64 cross compiler, iproute2 for the emulated board's
   # network namespace, systemd-analyze and shellcheck to check the deploy files, adb (client and server)
-  # for the Android tests.
-  packages+=(openssh-server g++-aarch64-linux-gnu iproute2 systemd shellcheck adb)
+  # for the Android tests, a PostgreSQL server for the team schedule store's tests.
+  packages+=(openssh-server g++-aarch64-linux-gnu iproute2 systemd shellcheck adb postgresql)
 fi
 missing=()
 for p in "${packages[@]}"; do

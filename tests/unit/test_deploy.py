@@ -335,7 +335,8 @@ def _agent_commands() -> list[str]:
     return cli.list_commands(click.Context(cli))
 
 
-_GROUPS = {("edgetune", "log"): {"show", "merge", "export"}, ("edgetune", "keys"): {"init"}}
+_GROUPS = {("edgetune", "log"): {"show", "merge", "export"}, ("edgetune", "keys"): {"init"},
+           ("edgetune", "schedules"): {"ls", "show", "import", "export"}, ("edgetune", "android"): {"connect"}}
 _INVOCATION = re.compile(r"(?<![\w/.-])(edgetune(?:-agent)?)[ \t]+([a-z]+)(?:[ \t]+([a-z]+))?")
 
 

@@ -1,0 +1,162 @@
+"""The schedule store (embedded SQLite): import, target-aware queries through MetaSchedule's database
+interface, commits, export that stock TVM reads, and the CLI. Uses the real small tuning log fixture."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from host.cli import cli
+from host.logs.format import RECORD_FILE, WORKLOAD_FILE, mean_run_secs
+from host.schedules.store import ScheduleStore, ScheduleStoreError, cpu_class
+
+from tests.helpers_schedules import A72, A72_TARGET, SMALL, ZNVER4, records_of, retargeted
+
+def _edgetune(*args: str) -> subprocess.CompletedProcess:
+    """The installed CLI as a user runs it (errors are one line on stderr)."""
+    return subprocess.run([str(Path(sys.executable).with_name("edgetune")), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def best_secs(folder: Path, workload_index: int) -> float:
+    return min(mean_run_secs(r[1]) for i, r in records_of(folder) if i == workload_index)
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    with ScheduleStore(str(tmp_path / "schedules.sqlite")) as opened:
+        yield opened
+
+
+def test_cpu_class_keys_kind_triple_cpu_and_features_not_cores():
+    assert cpu_class({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2}) == ZNVER4
+    assert cpu_class({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 16}) == ZNVER4
+    with_features = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"]}
+    assert cpu_class(with_features) == "llvm/aarch64-linux-gnu/cortex-a76+dotprod+neon"
+    assert cpu_class(json.dumps(with_features)) == cpu_class({**with_features, "mattr": ["+dotprod", "+neon"]})
+
+
+def test_import_counts_and_never_duplicates(store: ScheduleStore):
+    first = store.import_log(SMALL)
+    assert (first.workloads, first.records, first.added, first.classes) == (2, 16, 16, [ZNVER4])
+    assert store.import_log(SMALL).added == 0
+    [summary] = store.classes()
+    assert (summary.cpu_class, summary.workloads, summary.records, summary.measured) == (ZNVER4, 2, 16, 16)
+    best = store.best_by_workload(ZNVER4)
+    assert {w.name for w in best} == {t["name"] for t in json.loads((SMALL / "session.json").read_text())["tasks"]}
+    assert min(w.best_us for w in best) == pytest.approx(min(best_secs(SMALL, 0), best_secs(SMALL, 1)) * 1e6)
+
+
+def test_a_query_for_one_cpu_never_returns_another_cpus_schedule(store: ScheduleStore, tmp_path: Path):
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+    # The same workloads measured on a Cortex-A72, where every schedule is 10x slower.
+    store.import_log(SMALL)
+    store.import_log(retargeted(tmp_path, A72_TARGET, scale=10.0))
+    assert [c.cpu_class for c in store.classes()] == [A72, ZNVER4]
+
+    stock = JSONDatabase(work_dir=str(SMALL))
+    workload = stock.get_all_tuning_records()[0].workload
+    for target, klass, scale in ((json.loads((SMALL / "session.json").read_text())["target"], ZNVER4, 1.0),
+                                 (A72_TARGET, A72, 10.0)):
+        database = store.database(target)
+        assert len(database) == 16
+        assert database.has_workload(workload.mod)
+        records = database.get_all_tuning_records()
+        assert {cpu_class(r.target.export()) for r in records} == {klass}
+        [top] = database.get_top_k(database.commit_workload(workload.mod), 1)
+        expected = min(mean_run_secs(r.run_secs) for r in stock.get_top_k(workload, 100)) * scale
+        assert mean_run_secs(top.run_secs) == pytest.approx(expected)
+    other = store.database({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"})
+    assert len(other) == 0
+    assert other.get_top_k(other.commit_workload(workload.mod), 5) == []
+
+
+def test_metaschedule_commits_through_the_store(store: ScheduleStore):
+    from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
+
+    stock = JSONDatabase(work_dir=str(SMALL))
+    target = json.loads((SMALL / "session.json").read_text())["target"]
+    database = store.database(target, source="test")
+    for record in stock.get_all_tuning_records():
+        workload = database.commit_workload(record.workload.mod)
+        database.commit_tuning_record(TuningRecord(record.trace, workload, record.run_secs, record.target,
+                                                   record.args_info))
+    assert len(database) == 16
+    # The same schedules committed again (a second session measuring them) add nothing.
+    for record in stock.get_all_tuning_records():
+        database.commit_tuning_record(record)
+    assert len(database) == 16
+    # What MetaSchedule's own query finds is the fastest record, read back intact.
+    import tvm
+
+    for record in stock.get_all_tuning_records():
+        found = database.query_tuning_record(record.workload.mod, tvm.target.Target(target), "main")
+        fastest = min(mean_run_secs(r.run_secs) for r in stock.get_top_k(record.workload, 100))
+        assert mean_run_secs(found.run_secs) == pytest.approx(fastest)
+        assert found.trace is not None and len(found.trace.insts) > 0
+
+
+def test_export_is_a_stock_database_and_refuses_a_non_empty_folder(store: ScheduleStore, tmp_path: Path):
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+    store.import_log(SMALL)
+    store.import_log(retargeted(tmp_path, A72_TARGET))
+    out = tmp_path / "exported"
+    assert store.export(ZNVER4, out) == 16
+    exported = JSONDatabase(work_dir=str(out))
+    assert len(exported.get_all_tuning_records()) == 16
+    assert {r.target.export()["mcpu"] for r in exported.get_all_tuning_records()} == {"znver4"}
+    with pytest.raises(ScheduleStoreError, match="not empty"):
+        store.export(ZNVER4, out)
+    with pytest.raises(ScheduleStoreError, match="no schedules for CPU class 'llvm/x/y'"):
+        store.export("llvm/x/y", tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_damaged_store_is_a_one_line_error(tmp_path: Path):
+    bad = tmp_path / "schedules.sqlite"
+    bad.write_bytes(b"this is not a database\n" * 100)
+    with pytest.raises(ScheduleStoreError) as err:
+        ScheduleStore(str(bad))
+    assert "\n" not in str(err.value) and "EDGETUNE_SCHEDULES" in str(err.value)
+
+
+def test_cli_import_ls_show_export(tmp_path: Path):
+    location = str(tmp_path / "s.sqlite")
+    runner = CliRunner()
+    logs = tmp_path / "runs"
+    shutil.copytree(SMALL, logs / "a")
+    retargeted(logs, A72_TARGET)  # runs/small-cortex-a72
+    result = runner.invoke(cli, ["schedules", "import", str(logs), "--schedules", location, "--json"])
+    assert result.exit_code == 0, result.output
+    assert sorted((r["records"], r["added"]) for r in json.loads(result.output)) == [(16, 16), (16, 16)]
+
+    listing = json.loads(runner.invoke(cli, ["schedules", "ls", "--schedules", location, "--json"]).output)
+    assert {c["cpu_class"]: c["records"] for c in listing} == {ZNVER4: 16, A72: 16}
+
+    shown = runner.invoke(cli, ["schedules", "show", A72, "--schedules", location, "--json"])
+    assert shown.exit_code == 0 and len(json.loads(shown.output)) == 2
+
+    missing = _edgetune("schedules", "show", "llvm/none/none", "--schedules", location)
+    assert missing.returncode != 0 and "pick one of" in missing.stderr and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+    out = tmp_path / "best"
+    exported = runner.invoke(cli, ["schedules", "export", A72, "-o", str(out), "--schedules", location, "--json"])
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.output)["records"] == 16
+    assert (out / WORKLOAD_FILE).exists() and (out / RECORD_FILE).exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = _edgetune("schedules", "import", str(empty), "--schedules", location)
+    assert nothing.returncode != 0 and "holds no tuning log" in nothing.stderr
+    assert len(nothing.stderr.strip().splitlines()) == 1
