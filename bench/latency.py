@@ -72,7 +72,9 @@ def main() -> None:
             started = time.monotonic()
             result = run_session(TuneOptions(model=model, key=bed["key"], trials=args.trials, log_dir=str(log_dir),
                                              tracker=bed["tracker"], target=target, seed=args.seed,
-                                             layout_rewrite=not args.no_layout_rewrite, scheduler=args.scheduler))
+                                             layout_rewrite=not args.no_layout_rewrite, scheduler=args.scheduler,
+                                             # Cold sessions: a store would seed one variant from another.
+                                             use_schedules=False))
             tuned_now = time.monotonic() - started
             session = TuningLog.open(log_dir).session
             measured = bench(model, bed["key"], bed["tracker"], log_dir=str(log_dir), runs=args.runs)

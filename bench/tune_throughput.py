@@ -52,7 +52,8 @@ def edgetune(model_name: str, trials: int, tracker, key: str, work) -> dict:
 
     start = time.monotonic()
     result = run_session(TuneOptions(model=model_name, key=key, trials=trials, log_dir=str(work / "edgetune"),
-                                     tracker=tracker, target=read_profile().target))
+                                     tracker=tracker, target=read_profile().target,
+                                     use_schedules=False))  # cold, as stock is
     elapsed = time.monotonic() - start
     ok = sum(t.trials - t.failed for t in result.tasks)
     return {"seconds": round(elapsed, 1), "trials": result.trials_done, "measured_ok": ok,

@@ -10,6 +10,8 @@ import pytest
 # mDNS on loopback only (multicast works there), so tests never touch the LAN.
 os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
 os.environ.pop("EDGETUNE_TRACKER", None)
+# Sessions in tests start cold and leave no records behind: no schedule store unless a test names one.
+os.environ["EDGETUNE_SCHEDULES"] = "off"
 
 SHARED_MODELS = Path(__file__).resolve().parent.parent.parent / "shared" / "models"
 # The target this machine's own probe proposes: a fixed CPU (it was znver4) runs candidates with

@@ -35,7 +35,12 @@ def schedules() -> None:
 @store_option
 @json_option
 def ls(location: str | None, as_json: bool) -> None:
-    """The CPU classes the store holds schedules for, with counts."""
+    """The CPU classes the store holds schedules for, with counts.
+
+    \b
+    Example:
+      edgetune schedules ls --schedules postgresql://me@db/edgetune
+    """
     from .store import redact
 
     with _open(location) as store:
@@ -57,7 +62,12 @@ def ls(location: str | None, as_json: bool) -> None:
 @store_option
 @json_option
 def show(cpu_class: str, location: str | None, as_json: bool) -> None:
-    """The best schedule of every workload of one CPU class (as `schedules ls` names it)."""
+    """The best schedule of every workload of one CPU class (as `schedules ls` names it).
+
+    \b
+    Example:
+      edgetune schedules show llvm/aarch64-linux-gnu/cortex-a72 --json
+    """
     from ..errors import EdgetuneError
 
     with _open(location) as store:
@@ -111,7 +121,12 @@ def import_(folders: tuple[str, ...], location: str | None, as_json: bool) -> No
 @store_option
 @json_option
 def export(cpu_class: str, out: str, location: str | None, as_json: bool) -> None:
-    """Write one CPU class's schedules as a stock MetaSchedule JSON database (TVM's own scripts read it)."""
+    """Write one CPU class's schedules as a stock MetaSchedule JSON database (TVM's own scripts read it).
+
+    \b
+    Example:
+      edgetune schedules export llvm/aarch64-linux-gnu/cortex-a72 -o best/a72
+    """
     with _open(location) as store:
         written = store.export(cpu_class, out)
     emit({"out": out, "cpu_class": cpu_class, "records": written}, as_json,

@@ -45,6 +45,12 @@ logger = logging.getLogger(__name__)
 # Where the embedded store lives unless EDGETUNE_SCHEDULES says otherwise (XDG's data directory).
 DEFAULT_FILE = "schedules.sqlite"
 ENV = "EDGETUNE_SCHEDULES"
+# EDGETUNE_SCHEDULES=off: sessions neither read nor write a store (as --no-schedules).
+OFF = "off"
+# A new session learns from at most this many of the store's best records per workload, and this many
+# in all: enough for the cost model to rank a CPU class's schedules, bounded in start-up time.
+SEED_PER_WORKLOAD = 64
+SEED_LIMIT = 3000
 # A writer holding SQLite's lock (another session committing a batch) is waited for this long.
 SQLITE_BUSY_SEC = 30.0
 # The schema this edgetune writes; a store made by a newer one is refused rather than misread.
@@ -288,10 +294,15 @@ def default_location() -> str:
     """``EDGETUNE_SCHEDULES``, else ``$XDG_DATA_HOME/edgetune/schedules.sqlite``
     (``~/.local/share/edgetune/...``)."""
     configured = os.environ.get(ENV, "").strip()
-    if configured:
+    if configured and configured.lower() != OFF:
         return configured
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(data, "edgetune", DEFAULT_FILE)
+
+
+def sessions_use_store() -> bool:
+    """False when ``EDGETUNE_SCHEDULES=off``: tuning sessions then neither read nor write a store."""
+    return os.environ.get(ENV, "").strip().lower() != OFF
 
 
 class ScheduleStore:
@@ -456,6 +467,23 @@ class ScheduleStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return len(stored)
+
+    def seed_records(self, target: Any, per_workload: int = SEED_PER_WORKLOAD, limit: int = SEED_LIMIT) -> list[Any]:
+        """What a new session of ``target`` starts from: the best measured records of each workload of its CPU
+        class (``per_workload`` each, ``limit`` in all, workloads with the fastest records first), as TVM
+        ``TuningRecord`` objects."""
+        from tvm.s_tir.meta_schedule.database import TuningRecord
+
+        klass = cpu_class(target)
+        seeds: list[Any] = []
+        for best in self.best_by_workload(klass):
+            if best.best_us is None or len(seeds) >= limit:
+                continue
+            workload = self.workload(best.digest)
+            for stored in self.records(klass, [best.digest], measured_only=True,
+                                       limit=min(per_workload, limit - len(seeds))):
+                seeds.append(TuningRecord.from_json(stored.record, workload))
+        return seeds
 
     def database(self, target: Any, source: str = "", names: dict[str, str] | None = None) -> Any:
         """MetaSchedule's view of this store for one target's CPU class (see :class:`ScheduleDatabase`);

@@ -95,6 +95,10 @@ class _Display:
                 click.echo(f"no ONNX Runtime baseline: {event['note']}", err=True)
         elif kind == "warming":
             click.echo(f"starting {event['what']}...", err=True)
+        elif kind == "seeded":
+            click.echo(f"starting from {event['source']}: {event['records']} records "
+                       f"({event['pretrained']} trained the cost model; the best of {event['tasks_matched']} "
+                       "of this model's tasks are measured first)", err=True)
         elif kind == "trials":
             self.bests[event["task"]] = (event["best_us"], event["gflops"])
             done, budget = event["done"], event["budget"]
@@ -133,13 +137,17 @@ class _Display:
 @click.option("--deadline", "no_board_deadline", type=float, default=None,
               help="Seconds to wait for a board when none is free before stopping (default 120).")
 @click.option("--seed", type=int, default=None, help="Random seed of the search.")
+@click.option("--schedules", "schedules", default=None, metavar="PATH|URL",
+              help="The schedule store to start from and add to: a SQLite file or a postgresql:// URL "
+                   "(default: $EDGETUNE_SCHEDULES, else ~/.local/share/edgetune/schedules.sqlite).")
+@click.option("--no-schedules", is_flag=True, help="Neither start from the schedule store nor add to it.")
 @target_option
 @input_shape_option
 @tracker_option
 @json_option
 def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_log: str | None,
          early_stopping: int | None, no_board_deadline: float | None, seed: int | None,
-         target_json: str | None, input_shapes: tuple[str, ...], tracker: str | None, as_json: bool) -> None:
+         schedules: str | None, no_schedules: bool, target_json: str | None, input_shapes: tuple[str, ...], tracker: str | None, as_json: bool) -> None:
     """Tune a model on every free board of a key. Run it again on the same --log folder to resume.
 
     \b
@@ -158,7 +166,7 @@ def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_lo
         model=model, key=key, trials=trials, log_dir=log_dir, tracker=resolve_tracker(tracker),
         target=parse_target(target_json) if target_json else None, strategy=strategy, from_log=from_log,
         early_stopping=early_stopping, input_shapes=parse_input_shapes(input_shapes),
-        no_board_deadline_sec=no_board_deadline, seed=seed,
+        no_board_deadline_sec=no_board_deadline, seed=seed, schedules=schedules, use_schedules=not no_schedules,
     )
     display = _Display(as_json)
     started = time.monotonic()

@@ -59,6 +59,8 @@ class TuneOptions:
     seed: int | None = None
     layout_rewrite: bool = True  # kernel form of a new log (a resumed log keeps its own)
     scheduler: str = "weighted"  # or "gradient": MetaSchedule's own, with budget / tasks trials per batch
+    schedules: str | None = None  # the schedule store (file or postgresql:// URL); None: EDGETUNE_SCHEDULES or default
+    use_schedules: bool = True  # False (--no-schedules): neither seed from the store nor add to it
 
 
 @dataclass
@@ -164,6 +166,7 @@ class _Run:
     boards: int
     done_before: int
     progress: _Progress
+    store: Any = None  # the schedule store (ScheduleStore) the run seeds from and adds to, None without one
     entry: dict[str, Any] = field(default_factory=dict)  # this run in session.json's "runs"
     budget: Any = None  # strategy.Budget, once the search is made
     started: float = field(default_factory=time.monotonic)
@@ -256,6 +259,9 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
             seed_records = list(TuningLog.open(options.from_log).database().get_all_tuning_records())
         boards = _check_boards(options.tracker, options.key)
         done_before = log.record_count()
+        store = _open_store(options)
+        if store is not None and not options.from_log and done_before == 0:
+            seed_records = store.seed_records(target)
         layout_rewrite = log_layout_rewrite(log.session, done_before > 0, options.layout_rewrite)
         tasks = extract_tasks(model.mod, target, layout_rewrite)
         if not tasks:
@@ -263,6 +269,8 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
         earlier = log.trials()
     except BaseException:
         log.close()
+        if "store" in locals() and store is not None:
+            store.close()
         raise
     session = log.session
     session.update({
@@ -277,7 +285,27 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
     progress = _Progress(log, tasks, options.trials, emit, float(session.get("elapsed_s", 0.0)))
     progress.absorb(earlier)
     progress.trial = max(progress.trial, done_before)
-    return _Run(options, model, log, target, board, toolchain, tasks, seed_records, boards, done_before, progress)
+    if store is not None:
+        session["schedules"] = {"store": _store_name(store), "seed_records": len(seed_records)
+                                if not options.from_log else 0}
+    return _Run(options, model, log, target, board, toolchain, tasks, seed_records, boards, done_before, progress,
+                store)
+
+
+def _open_store(options: TuneOptions) -> Any:
+    """The schedule store the session uses, or None (``--no-schedules``, ``EDGETUNE_SCHEDULES=off``).
+    Raises :class:`EdgetuneError` (one line) when it cannot be opened."""
+    from ..schedules.store import ScheduleStore, sessions_use_store
+
+    if not options.use_schedules or (options.schedules is None and not sessions_use_store()):
+        return None
+    return ScheduleStore(options.schedules)
+
+
+def _store_name(store: Any) -> str:
+    from ..schedules.store import redact
+
+    return redact(store.location)
 
 
 def _target_of(options: TuneOptions, log: TuningLog) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -298,6 +326,7 @@ def _target_of(options: TuneOptions, log: TuningLog) -> tuple[dict[str, Any], di
 def _already_complete(run: _Run) -> SessionResult:
     """The log already holds the budget: mark it complete and run nothing."""
     run.session["status"] = Status.COMPLETED
+    _add_to_store(run)
     run.log.save_session()
     run.log.close()
     results = run.progress.results
@@ -348,8 +377,9 @@ def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
         )
     else:
         cost_model = ms.cost_model.RandomModel()
-    cost_info: dict[str, Any] = {"kind": "xgb" if options.strategy == "xgb" else "none",
-                                 "seeded_from": str(options.from_log) if options.from_log else None}
+    seeded_from = (str(options.from_log) if options.from_log
+                   else f"schedule store {_store_name(run.store)}" if run.seed_records else None)
+    cost_info: dict[str, Any] = {"kind": "xgb" if options.strategy == "xgb" else "none", "seeded_from": seeded_from}
     runner = BoardRunner(options.tracker, options.key, no_board_deadline_sec=options.no_board_deadline_sec,
                          on_event=emit, board_log=run.progress.board_of)
     return _Search(contexts, weights, cost_model, run.log.database(), tvm.target.Target(run.target),
@@ -412,32 +442,42 @@ def _seed(run: _Run, search: _Search) -> None:
     if run.seed_records and run.done_before == 0:
         seed_results = tally_records([TaskResult.of_task(t) for t in run.tasks], run.seed_records)
         best = {r.index: r.record for r in seed_results if r.record is not None and r.index is not None}
+        run.progress.on_event({"event": "seeded", "source": cost_info["seeded_from"], "records": len(run.seed_records),
+                     "pretrained": cost_info.get("pretrained_on_seed", 0), "tasks_matched": len(best)})
         cost_info["replayed_seed_best"] = _replay(best, run, search)
+        run.log.save_session()
 
 
 def _pretrain(search: _Search, tasks: list[Task], records: list[Any]) -> int:
     """Train the cost model on existing records (of this log when resuming, or a similar board's)."""
     from tvm.s_tir.meta_schedule.runner import RunnerResult
 
+    from tvm.s_tir.meta_schedule import TuneContext
+
     by_hash = {t.workload_hash: i for i, t in enumerate(tasks)}
-    grouped: dict[int, tuple[list, list]] = {}
+    # Records of this model's tasks train under their task; records of other kernels (another model of
+    # the same CPU class, from the schedule store) under a context of their own: the cost model
+    # normalises times per workload, and its features describe loop nests, which carry over.
+    grouped: dict[str, tuple[Any, list, list]] = {}
     for record in records:
         if mean_run_secs(record.run_secs) is None:
             continue
-        idx = by_hash.get(workload_key(record.workload.mod))
-        if idx is None:
-            continue
+        key = workload_key(record.workload.mod)
         try:
             candidate = record.as_measure_candidate()
         except Exception as err:  # noqa: BLE001 - a record whose trace no longer applies is skipped
             logger.debug("skipping a record: %s", err)
             continue
-        cands, results = grouped.setdefault(idx, ([], []))
+        if key not in grouped:
+            context = (search.contexts[by_hash[key]] if key in by_hash
+                       else TuneContext(mod=record.workload.mod, target=search.tvm_target, num_threads=1))
+            grouped[key] = (context, [], [])
+        _, cands, results = grouped[key]
         cands.append(candidate)
         results.append(RunnerResult([float(s) for s in record.run_secs], None))
     used = 0
-    for idx, (cands, results) in grouped.items():
-        search.cost_model.update(search.contexts[idx], cands, results)
+    for context, cands, results in grouped.values():
+        search.cost_model.update(context, cands, results)
         used += len(cands)
     return used
 
@@ -533,8 +573,24 @@ def _close_run(run: _Run, search: _Search | None, status: Status) -> None:
         run.entry["repeats_skipped"] = run.budget.repeats_skipped
     run.session.update(trials_done=run.trials_done, status=status, elapsed_s=round(run.progress.elapsed(), 3),
                        measured_by=_merge_counts(run.session.get("measured_by", {}), measured_by))
+    _add_to_store(run)
     run.log.save_session()
     run.log.close()
+
+
+def _add_to_store(run: _Run) -> None:
+    """Add the log's records to the schedule store (every run, whatever its status: the store skips what
+    it has). A store that fails here costs a warning, never the session: the log holds every record."""
+    if run.store is None:
+        return
+    try:
+        added = run.store.import_log(run.log.path, source=f"{run.options.key}:{run.log.path.resolve()}").added
+        run.session.setdefault("schedules", {"store": _store_name(run.store)})["added"] = added
+    except Exception as err:  # noqa: BLE001 - see above
+        logger.warning("could not add the session's records to the schedule store %s: %s "
+                       "(`edgetune schedules import %s` adds them later)", _store_name(run.store), err, run.log.path)
+    finally:
+        run.store.close()
 
 
 def _result(run: _Run, search: _Search, status: Status, message: str) -> SessionResult:
