@@ -18,13 +18,14 @@ def records_of(folder: Path) -> list[list]:
     return [json.loads(line) for line in (folder / RECORD_FILE).read_text().splitlines() if line.strip()]
 
 
-def retargeted(tmp_path: Path, target: dict, scale: float = 1.0) -> Path:
-    """The small log as measured on another CPU: the same workloads and traces, another target and times."""
-    out = tmp_path / f"small-{target['mcpu']}"
+def retargeted(tmp_path: Path, target: dict, scale: float = 1.0, source: Path = SMALL) -> Path:
+    """A log (the small fixture by default) as measured on another CPU: the same workloads and traces,
+    another target and times."""
+    out = tmp_path / f"{source.name}-{target['mcpu']}"
     out.mkdir()
-    shutil.copy(SMALL / WORKLOAD_FILE, out / WORKLOAD_FILE)
+    shutil.copy(source / WORKLOAD_FILE, out / WORKLOAD_FILE)
     lines = []
-    for index, record in records_of(SMALL):
+    for index, record in records_of(source):
         record[1] = [s * scale for s in record[1]]
         record[2] = {**record[2], **target, "keys": ["arm_cpu", "cpu"]}
         lines.append(json.dumps([index, record]))

@@ -62,6 +62,7 @@ class BuildResult:
     estimated_latency_ms: float | None
     host_check: dict[str, Any] | None
     files: list[str] = field(default_factory=list)
+    from_store: list[str] = field(default_factory=list)  # tasks the schedule store filled (none in the log)
 
     @property
     def flops_shares(self) -> list[float]:
@@ -79,7 +80,9 @@ class BuildResult:
         return {
             "out_dir": str(self.out_dir), "model": self.model, "key": self.key, "target": self.target,
             "tasks": len(self.coverage), "tuned": sum(1 for c in self.coverage if c.tuned),
-            "fallback": sum(1 for c in self.coverage if not c.tuned), "tuned_flops_share": round(self.tuned_share, 6),
+            "from_store": self.from_store,
+            "fallback": sum(1 for c in self.coverage if not c.tuned) - len(self.from_store),
+            "tuned_flops_share": round(self.tuned_share, 6),
             "estimated_latency_ms": self.estimated_latency_ms, "host_check": self.host_check,
             "coverage": self.coverage_dicts(), "files": self.files,
         }
@@ -196,16 +199,47 @@ def flatten_outputs(out) -> list[np.ndarray]:
     return [o.numpy() for o in out]
 
 
+def _from_store(tasks: list[Task], target: dict[str, Any], schedules: str | None, use_schedules: bool):
+    """A MemoryDatabase with the schedule store's best record of each of ``tasks`` on ``target``'s CPU class,
+    and the names of the tasks it covers. Empty without a store (or when it cannot be opened: the build
+    then uses default schedules, and says why)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from ..schedules.store import ScheduleStore, ScheduleStoreError, sessions_use_store
+
+    db, names = ms.database.MemoryDatabase(), []
+    if not tasks or not use_schedules or (schedules is None and not sessions_use_store()):
+        return db, names
+    try:
+        store = ScheduleStore(schedules)
+    except ScheduleStoreError as err:
+        logger.warning("%s: building with default schedules for the untuned tasks", err)
+        return db, names
+    with store:
+        for task in tasks:
+            mod = task.extracted.dispatched[0]
+            best = store.best_record(target, mod)
+            if best is None:
+                continue
+            workload = db.commit_workload(mod)
+            db.commit_tuning_record(ms.database.TuningRecord.from_json(best.record, workload))
+            names.append(task.name)
+    return db, names
+
+
 def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = None,
           target: dict[str, Any] | None = None, board: dict[str, Any] | None = None,
           input_shapes: dict[str, tuple[int, ...]] | None = None,
-          on_progress: Callable[[str], None] | None = None, compare: bool = True) -> BuildResult:
+          on_progress: Callable[[str], None] | None = None, compare: bool = True,
+          schedules: str | None = None, use_schedules: bool = True) -> BuildResult:
     """Compile ``model_path`` for ``target`` with the tuning log applied and write OUT.
 
     When this machine can run the target, the build's output is checked against ONNX Runtime here,
     and with ``compare`` it is timed against ONNX Runtime and TVM's untuned build (``host_check``).
 
-    The target comes from ``target``, else the log's session. Raises :class:`EdgetuneError` for a log
+    A task the log has no schedule for takes the schedule store's best for the target's CPU class
+    (``schedules``: its location; ``use_schedules=False`` or ``EDGETUNE_SCHEDULES=off``: none), else a
+    default schedule. The target comes from ``target``, else the log's session. Raises :class:`EdgetuneError` for a log
     of another model or target, a missing toolchain, or a model that does not import.
     """
     import tvm
@@ -233,11 +267,14 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
     tasks = extract_tasks(model.mod, target, layout_rewrite)
     coverage = task_coverage(tuned_db, tasks)
     tuned = sum(1 for c in coverage if c.tuned)
-    say(f"{tuned} of {len(tasks)} tasks tuned; default schedules for the rest")
-    fallback = fallback_database([t for t, c in zip(tasks, coverage) if not c.tuned], tvm_target)
-    database = ms.database.OrderedUnionDatabase(tuned_db, fallback)
+    untuned = [t for t, c in zip(tasks, coverage) if not c.tuned]
+    stored, from_store = _from_store(untuned, target, schedules, use_schedules)
+    say(f"{tuned} of {len(tasks)} tasks tuned in the log"
+        + (f", {len(from_store)} from the schedule store" if from_store else "") + "; default schedules for the rest")
+    fallback = fallback_database([t for t in untuned if t.name not in from_store], tvm_target)
+    database = ms.database.OrderedUnionDatabase(tuned_db, stored, fallback)
     result = BuildResult(Path(out_dir), model.name, key, target, coverage, estimated_latency_ms(coverage), None,
-                         ["model.so", "build.json", "reference/input.npz", "reference/output.npz"])
+                         ["model.so", "build.json", "reference/input.npz", "reference/output.npz"], from_store)
 
     say("compiling the model")
     try:
@@ -269,7 +306,8 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
             "model": {"name": model.name, "sha256": model.sha256},
             "key": key, "target": target, "board": board, "tvm_version": tvm.__version__,
             "inputs": [s.as_dict() for s in model.inputs], "outputs": [s.as_dict() for s in model.outputs],
-            "coverage": {"tasks": result.coverage_dicts(), "tuned": tuned, "fallback": len(coverage) - tuned,
+            "coverage": {"tasks": result.coverage_dicts(), "tuned": tuned, "from_store": from_store,
+                         "fallback": len(coverage) - tuned - len(from_store),
                          "tuned_flops_share": result.tuned_share,
                          "log": str(Path(log_dir).resolve()) if log_dir else None},
             "estimated_latency_ms": result.estimated_latency_ms, "toolchain": toolchain.compiler,

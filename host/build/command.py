@@ -18,9 +18,14 @@ from ..cliutil import emit, json_option, table
               help="Static shape of an input the model leaves symbolic (repeatable).")
 @click.option("--no-compare", is_flag=True,
               help="Skip timing the build against ONNX Runtime and TVM's untuned build on this workstation.")
+@click.option("--schedules", "schedules", default=None, metavar="PATH|URL",
+              help="The schedule store that fills tasks the log lacks (default: $EDGETUNE_SCHEDULES, else "
+                   "~/.local/share/edgetune/schedules.sqlite).")
+@click.option("--no-schedules", is_flag=True, help="Tasks the log lacks get default schedules, not the store's.")
 @json_option
 def build(model: str, key: str, log_dir: str | None, out_dir: str, target_json: str | None,
-          input_shapes: tuple[str, ...], no_compare: bool, as_json: bool) -> None:
+          input_shapes: tuple[str, ...], no_compare: bool, schedules: str | None, no_schedules: bool,
+          as_json: bool) -> None:
     """Compile a model for a board with its tuning log applied; report what was tuned.
 
     \b
@@ -46,13 +51,16 @@ def build(model: str, key: str, log_dir: str | None, out_dir: str, target_json: 
             raise EdgetuneError(f"no target for key {key!r}: pass --log DIR or --target JSON, or start its agent")
         target, board = found
     result = run_build(model, key, out_dir, log_dir, target, board, parse_input_shapes(input_shapes),
-                       on_progress=None if as_json else (lambda m: click.echo(m, err=True)), compare=not no_compare)
+                       on_progress=None if as_json else (lambda m: click.echo(m, err=True)), compare=not no_compare,
+                       schedules=schedules, use_schedules=not no_schedules)
 
     def render(r) -> str:
         text = table(*results_table(r.coverage, r.flops_shares))
         tuned = sum(1 for c in r.coverage if c.tuned)
         text += (f"\n\n{tuned}/{len(r.coverage)} tasks tuned, covering {100 * r.tuned_share:.1f}% of the model's FLOPs; "
-                 f"the rest use MetaSchedule's default schedule for the target.")
+                 + (f"{len(r.from_store)} more from the schedule store ({', '.join(r.from_store)}); "
+                    if r.from_store else "")
+                 + "the rest use MetaSchedule's default schedule for the target.")
         if r.estimated_latency_ms is not None:
             text += f"\nestimated latency from the log: {r.estimated_latency_ms:.3f} ms"
         check = r.host_check

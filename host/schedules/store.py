@@ -468,6 +468,11 @@ class ScheduleStore:
             raise
         return len(stored)
 
+    def best_record(self, target: Any, mod: Any) -> StoredRecord | None:
+        """The fastest measured record of workload ``mod`` on ``target``'s CPU class, None if the store has none."""
+        found = self.records(cpu_class(target), self.find_workloads(mod), measured_only=True, limit=1)
+        return found[0] if found else None
+
     def seed_records(self, target: Any, per_workload: int = SEED_PER_WORKLOAD, limit: int = SEED_LIMIT) -> list[Any]:
         """What a new session of ``target`` starts from: the best measured records of each workload of its CPU
         class (``per_workload`` each, ``limit`` in all, workloads with the fastest records first), as TVM

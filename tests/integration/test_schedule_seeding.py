@@ -8,8 +8,10 @@ import json
 from pathlib import Path
 
 from host.schedules.store import ScheduleStore, cpu_class
+from tests.helpers_schedules import retargeted
 from tests.integration.conftest import tune_cli
 from tests.integration.test_tuning import history_of, session_of
+from tests.peers import EDGETUNE, run_cli
 
 
 def _events(stdout: str) -> list[dict]:
@@ -67,3 +69,31 @@ def test_an_unreachable_store_is_a_one_line_error_before_any_trial(tuning_bed, h
     assert "cannot open the schedule store" in out.stderr and "--no-schedules" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "log" / "database_tuning_record.json").exists()
+
+
+def test_build_fills_the_tasks_a_log_lacks_from_the_store_of_its_cpu_class_only(cold_log, host_target, tmp_path):
+    # The store holds the cold session's records; the build has no log, so every task it has a record
+    # of comes from the store, and the module still matches ONNX Runtime.
+    store = tmp_path / "schedules.sqlite"
+    with ScheduleStore(str(store)) as opened:
+        assert opened.import_log(cold_log["dir"]).added == 16
+    measured = {h["task_name"] for h in history_of(cold_log["dir"]) if h["latency_us"] is not None}
+    out = run_cli([EDGETUNE, "build", "tiny_cnn", "--device", "x86host", "--target", json.dumps(host_target),
+                   "-o", str(tmp_path / "out"), "--schedules", str(store), "--no-compare", "--json"], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    built = json.loads((tmp_path / "out" / "build.json").read_text())
+    assert set(built["coverage"]["from_store"]) == measured
+    assert built["coverage"]["tuned"] == 0
+    assert built["coverage"]["fallback"] == len(built["coverage"]["tasks"]) - len(measured)
+    assert built["host_check"]["max_abs_err"] < 1e-4
+
+    # The same schedules stored as another CPU's: none of them is used for this one.
+    other = tmp_path / "other.sqlite"
+    with ScheduleStore(str(other)) as opened:
+        foreign = dict(host_target, mcpu="cortex-a72", mtriple="aarch64-linux-gnu")
+        opened.import_log(retargeted(tmp_path, foreign, source=cold_log["dir"]))
+        assert [c.cpu_class for c in opened.classes()] == [cpu_class(foreign)]
+    out = run_cli([EDGETUNE, "build", "tiny_cnn", "--device", "x86host", "--target", json.dumps(host_target),
+                   "-o", str(tmp_path / "out2"), "--schedules", str(other), "--no-compare", "--json"], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "out2" / "build.json").read_text())["coverage"]["from_store"] == []
