@@ -114,6 +114,7 @@ class _Progress:
     def record(self, task_index: int, outcomes: list[tuple[float | None, str | None, str | None]]) -> None:
         """Append one batch of trials: (latency_s or None, error or None, board) each."""
         result = self.results[task_index]
+        elapsed, now = round(self.elapsed(), 3), now_iso()  # the batch is recorded together: one time for all
         trials = []
         for latency_s, error, board in outcomes:
             self.trial += 1
@@ -121,7 +122,7 @@ class _Progress:
             result.count(latency_us, self.trial)
             trials.append(Trial(trial=self.trial, task=task_index, task_name=result.name, latency_us=latency_us,
                                 gflops=gflops(result.flops, latency_us), error=error, board=board,
-                                elapsed_s=round(self.elapsed(), 3), time=now_iso()))
+                                elapsed_s=elapsed, time=now))
         self.log.append_history(trials)
         self.on_event({
             "event": "trials", "done": self.trial, "budget": self.budget, "task": result.name,
