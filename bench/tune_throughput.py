@@ -23,6 +23,7 @@ def stock(model_name: str, trials: int, tracker, key: str, work, batch: int) -> 
     from tvm.s_tir import meta_schedule as ms
 
     from device_agent.probe import read_profile
+    from host.logs.format import mean_run_secs
     from host.models.onnx_import import load_onnx
     from host.tuning.tasks import lower_for_tuning
 
@@ -41,7 +42,7 @@ def stock(model_name: str, trials: int, tracker, key: str, work, batch: int) -> 
                        max_trials_global=trials, num_trials_per_iter=batch, builder=builder, runner=runner)
     elapsed = time.monotonic() - start
     records = list(db.get_all_tuning_records())
-    ok = sum(1 for r in records if r.run_secs is not None and min(float(s) for s in r.run_secs) < 1e9)
+    ok = sum(1 for r in records if mean_run_secs(r.run_secs) is not None)
     return {"seconds": round(elapsed, 1), "trials": len(records), "measured_ok": ok,
             "trials_per_min": round(len(records) / elapsed * 60, 2)}
 
