@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from ..logs.format import workload_key  # the key a tuning log gives a workload; re-exported for tuning
+
 logger = logging.getLogger(__name__)
 
 
@@ -89,13 +91,6 @@ def log_layout_rewrite(session: dict[str, Any], has_records: bool, wanted: bool 
     if isinstance(recorded, bool):
         return recorded
     return False if has_records else wanted
-
-
-def workload_key(mod) -> str:
-    """The hash MetaSchedule's database keys a workload on (structural hash), as hex."""
-    import tvm_ffi
-
-    return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def extract_tasks(mod, target_dict: dict[str, Any], layout_rewrite: bool = True) -> list[Task]:
