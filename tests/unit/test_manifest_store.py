@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -32,12 +31,11 @@ from device_agent.manifest import (
 )
 from host.errors import EdgetuneError
 from host.package import init_keys, load_signing_key, package, read_package_manifest
-from tests.helpers_build import make_build_dir, make_log_dir, this_board_profile
+from tests.helpers_build import make_build_dir, this_board_profile
 from tests.helpers_package import (
     assert_unchanged,
     current,
     install_fails,
-    installed_store,
     make_pkg,
     members,
     repack,
@@ -46,42 +44,6 @@ from tests.helpers_package import (
 REPO = Path(__file__).resolve().parents[2]
 A72 = {"arch": "aarch64", "cpu": "Cortex-A72", "features": ["fp", "asimd", "neon", "crc32", "cpuid"], "os": "linux"}
 A72_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"], "num-cores": 4}
-
-
-# --- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("pkgs")
-
-
-@pytest.fixture(scope="module")
-def signing_key(work: Path) -> Path:
-    return Path(init_keys(work / "keys" / "signing_key").path)
-
-
-@pytest.fixture(scope="module")
-def log_dir(work: Path) -> Path:
-    return make_log_dir(work / "log")
-
-
-@pytest.fixture(scope="module")
-def good_pkg(work: Path, signing_key: Path, log_dir: Path) -> Path:
-    return make_pkg(work, "good", signing_key, log_dir)
-
-
-@pytest.fixture(scope="module")
-def base_store(work: Path, signing_key: Path, good_pkg: Path) -> Path:
-    """A store with the good package installed: copied for each test that needs a current model."""
-    return installed_store(work / "base-store", signing_key, good_pkg)
-
-
-@pytest.fixture()
-def store(base_store: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "store"
-    shutil.copytree(base_store, copy, symlinks=True)
-    return copy
 
 
 # --- manifest ---------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import secrets
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -36,13 +35,10 @@ from device_agent import store as store_mod
 from device_agent.errors import AgentError
 from device_agent.install_cli import COMMANDS
 from device_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from host.package import init_keys
-from tests.helpers_build import make_log_dir, this_board_profile
+from tests.helpers_build import this_board_profile
 from tests.helpers_package import (
     current,
     install_fails,
-    installed_store,
-    make_pkg,
     members,
     repack,
     resign,
@@ -89,36 +85,6 @@ for pkg in sys.argv[5:]:
 tracemalloc.stop()
 print(json.dumps({"rss_growth_mb": (high_water_kb() - base) / 1024}), flush=True)
 """
-
-
-# --- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("faults")
-
-
-@pytest.fixture(scope="module")
-def signing_key(work: Path) -> Path:
-    return Path(init_keys(work / "keys" / "signing_key").path)
-
-
-@pytest.fixture(scope="module")
-def good_pkg(work: Path, signing_key: Path) -> Path:
-    return make_pkg(work, "good", signing_key, make_log_dir(work / "log"))
-
-
-@pytest.fixture(scope="module")
-def base_store(work: Path, signing_key: Path, good_pkg: Path) -> Path:
-    return installed_store(work / "base-store", signing_key, good_pkg)
-
-
-@pytest.fixture()
-def store(base_store: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "store"
-    shutil.copytree(base_store, copy, symlinks=True)
-    return copy
 
 
 @pytest.fixture()

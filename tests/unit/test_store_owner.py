@@ -20,42 +20,11 @@ import pytest
 
 from device_agent import store as store_mod
 from device_agent.errors import AgentError
-from host.package import init_keys
-from tests.helpers_build import make_log_dir, this_board_profile
-from tests.helpers_package import current, install_fails, installed_store, make_pkg
+from tests.helpers_build import this_board_profile
+from tests.helpers_package import current, install_fails
 
 # A uid no file of these tests belongs to: "nobody" on Debian.
 FOREIGN_UID = 65534
-
-
-# --- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("owner")
-
-
-@pytest.fixture(scope="module")
-def signing_key(work: Path) -> Path:
-    return Path(init_keys(work / "keys" / "signing_key").path)
-
-
-@pytest.fixture(scope="module")
-def good_pkg(work: Path, signing_key: Path) -> Path:
-    return make_pkg(work, "good", signing_key, make_log_dir(work / "log"))
-
-
-@pytest.fixture(scope="module")
-def base_store(work: Path, signing_key: Path, good_pkg: Path) -> Path:
-    return installed_store(work / "base-store", signing_key, good_pkg)
-
-
-@pytest.fixture()
-def store(base_store: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "store"
-    shutil.copytree(base_store, copy, symlinks=True)
-    return copy
 
 
 @pytest.fixture()
