@@ -92,13 +92,8 @@ def mean_run_us(run_secs: Any) -> float | None:
 
 def latency_or_none(value: Any) -> float | None:
     """A latency read from a history line: a positive finite number, else ``None`` (the trial failed)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number > 0 else None
+    number = _finite(value)
+    return number if number is not None and number > 0 else None
 
 
 @dataclasses.dataclass

@@ -96,6 +96,7 @@ def import_(folders: tuple[str, ...], location: str | None, as_json: bool) -> No
       edgetune schedules import runs/ ~/old-tvm-work-dir
     """
     from ..errors import EdgetuneError
+    from ..logs.format import RECORD_FILE, WORKLOAD_FILE
     from .store import iter_log_folders
 
     results = []
@@ -103,8 +104,8 @@ def import_(folders: tuple[str, ...], location: str | None, as_json: bool) -> No
         for folder in folders:
             found = list(iter_log_folders(folder))
             if not found:
-                raise EdgetuneError(f"{folder} holds no tuning log (database_workload.json + "
-                                    "database_tuning_record.json): pass a log folder or a MetaSchedule work dir")
+                raise EdgetuneError(f"{folder} holds no tuning log ({WORKLOAD_FILE} + {RECORD_FILE}): "
+                                    "pass a log folder or a MetaSchedule work dir")
             results.extend(store.import_log(f) for f in found)
 
     def render(rows) -> str:
