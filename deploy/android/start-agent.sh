@@ -19,8 +19,10 @@
 #      to this script), it runs that: tvm_rpc server --tracker=HOST:PORT --key=K;
 #   3. else it prints how to get either, or TVM's Android RPC app (apps/android_rpc in TVM's
 #      repository), set up for this tracker and key, and exits 1.
-# The workstation then sees the phone as a plain TVM RPC board: pass --target JSON to edgetune tasks,
-# tune, build and bench, and set ANDROID_NDK_HOME (or TVM_NDK_CC) so it can link for Android.
+# The workstation then sees the phone as a plain TVM RPC board, which cannot prove the team key: start
+# the tracker with `edgetune tracker --allow-plain-key K` for this key. With the phone also on adb,
+# `edgetune android connect SERIAL --key K` records its profile, so tasks, tune, build and bench pick its
+# target by themselves (else pass --target JSON). Set ANDROID_NDK_HOME (or TVM_NDK_CC) to link for Android.
 set -euo pipefail
 
 say() { echo "start-agent: $*" >&2; }
