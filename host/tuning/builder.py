@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -33,8 +34,9 @@ def _warm_worker() -> None:
     from tvm.support import cc  # noqa: F401
 
 
-def build_candidate(mod, target, compiler: str, options: tuple[str, ...]) -> str:
-    """Build one candidate and link it as a shared library for the board. Returns its path.
+def build_candidate(mod, target, compiler: str, options: tuple[str, ...], root: str | None = None) -> str:
+    """Build one candidate and link it as a shared library for the board, in a new folder under ``root``.
+    Returns its path; a candidate that fails to link leaves no folder behind.
 
     Module-level so it pickles into the worker processes.
     """
@@ -43,14 +45,25 @@ def build_candidate(mod, target, compiler: str, options: tuple[str, ...]) -> str
 
     # What MetaSchedule's default_build does, minus its import of every tensor intrinsic.
     rt_mod = tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
-    path = os.path.join(tempfile.mkdtemp(prefix="edgetune-cand-"), "candidate.so")
-    rt_mod.export_library(path, fcompile=Toolchain(compiler, tuple(options)).fcompile())
+    folder = tempfile.mkdtemp(prefix="edgetune-cand-", dir=root)
+    path = os.path.join(folder, "candidate.so")
+    try:
+        rt_mod.export_library(path, fcompile=Toolchain(compiler, tuple(options)).fcompile())
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return path
 
 
 @derived_object
 class WarmBuilder(PyBuilder):
-    """Builds candidates in a pool of warm workers kept for the whole session."""
+    """Builds candidates in a pool of warm workers kept for the whole session.
+
+    Candidates are linked under one folder of the session (``edgetune-build-*`` in the temp dir); the
+    runner removes each after measuring it, and :meth:`shutdown` removes the folder with whatever was
+    never measured (a session stopped or interrupted between build and measurement, a worker killed
+    while linking).
+    """
 
     def __init__(self, toolchain: Toolchain, max_workers: int | None = None,
                  timeout_sec: float | None = None) -> None:
@@ -59,9 +72,12 @@ class WarmBuilder(PyBuilder):
         self.max_workers = max_workers or max(1, os.cpu_count() or 1)
         self.timeout_sec = config.BUILD_CANDIDATE_SEC if timeout_sec is None else timeout_sec
         self._pool: PopenPoolExecutor | None = None
+        self.root: str | None = None  # this session's candidates, created with the pool
         self.builds = 0
 
     def _ensure_pool(self) -> PopenPoolExecutor:
+        if self.root is None:
+            self.root = tempfile.mkdtemp(prefix="edgetune-build-")
         if self._pool is None:
             self._pool = PopenPoolExecutor(
                 max_workers=self.max_workers, timeout=self.timeout_sec, initializer=_warm_worker,
@@ -78,7 +94,7 @@ class WarmBuilder(PyBuilder):
     def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
         pool = self._ensure_pool()
         jobs: list[tuple[Any, ...]] = [
-            (inp.mod, inp.target, self.toolchain.compiler, self.toolchain.options) for inp in build_inputs
+            (inp.mod, inp.target, self.toolchain.compiler, self.toolchain.options, self.root) for inp in build_inputs
         ]
         results: list[BuilderResult] = []
         for outcome in pool.map_with_error_catching(lambda job: build_candidate(*job), jobs):
@@ -96,6 +112,10 @@ class WarmBuilder(PyBuilder):
         return results
 
     def shutdown(self) -> None:
+        """Stop the workers and remove the session's candidates that were never measured."""
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None

@@ -197,7 +197,7 @@ class CandidateWatcher(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.wait(WATCH_POLL_S):
-            for path in self.root.glob("edgetune-cand-*/candidate.so"):
+            for path in self.root.glob("edgetune-build-*/edgetune-cand-*/candidate.so"):
                 name = str(path)
                 if name in self.headers:
                     continue

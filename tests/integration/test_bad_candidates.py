@@ -6,6 +6,8 @@ and measured on the same (real) agent: the session goes on.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import HOST_TARGET
@@ -118,3 +120,22 @@ def test_a_candidate_that_crashes_or_hangs_the_board_is_a_failed_trial(tools, tu
     _good_trial(builder, runner)  # the agent serves the next candidate
     outcome = "killed after 10 s" if name == "hangs_the_board" else "exited with code"
     assert outcome in tuning_bed["agent"].log()
+
+
+def test_candidates_never_measured_are_removed_with_the_session(tmp_path):
+    # A session that stops between build and measurement (no board, Ctrl-C) leaves its candidates
+    # unmeasured: the builder's shutdown removes them, and a candidate that failed to build left nothing.
+    from host.toolchain import toolchain_for
+    from host.tuning.builder import WarmBuilder
+
+    builder = WarmBuilder(toolchain_for(HOST_TARGET), max_workers=1)
+    try:
+        _, built = _build(builder, "good")
+        _, failed = _build(builder, "unbuildable")
+        root = Path(builder.root)
+        assert failed.artifact_path is None
+        assert [p.parent for p in root.glob("edgetune-cand-*/candidate.so")] == [Path(built.artifact_path).parent]
+        assert len(list(root.iterdir())) == 1
+    finally:
+        builder.shutdown()
+    assert not root.exists()
