@@ -36,8 +36,24 @@ def schedule_key(mod) -> int:
     return tvm_ffi.structural_hash(mod)
 
 
-def measured_schedules(database, workload_mod) -> set[int]:
-    """Keys of the schedules of ``workload_mod`` that ``database`` already holds (measured or failed)."""
+def replayed_key(record, postprocs) -> int | None:
+    """The key the search gives the schedule of ``record`` when it proposes it again, or None if it
+    no longer applies. The search builds a candidate by replaying a trace without its post-processing
+    and then running the task's postprocessors; replaying the whole recorded trace
+    (``TuningRecord.as_measure_candidate``) gives a module that is equivalent but hashes differently
+    whenever a postprocessor rewrote a layout (``RewriteLayout``), so it is keyed the search's way."""
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(record.workload.mod)
+    record.trace.apply_to_schedule(sch, remove_postproc=True)
+    if not all(postproc.apply(sch) for postproc in postprocs):
+        return None
+    return schedule_key(sch.mod)
+
+
+def measured_schedules(database, workload_mod, postprocs) -> set[int]:
+    """Keys of the schedules of ``workload_mod`` that ``database`` already holds (measured or failed),
+    as the search would key them (see :func:`replayed_key`)."""
     from .tasks import workload_key
 
     wanted = workload_key(workload_mod)
@@ -46,9 +62,11 @@ def measured_schedules(database, workload_mod) -> set[int]:
         if workload_key(record.workload.mod) != wanted:
             continue
         try:
-            keys.add(schedule_key(record.as_measure_candidate().sch.mod))
+            key = replayed_key(record, postprocs)
         except Exception:  # noqa: BLE001 - a record whose trace no longer applies cannot come back
             continue
+        if key is not None:
+            keys.add(key)
     return keys
 
 
@@ -106,6 +124,7 @@ class BudgetedStrategy(PySearchStrategy):
         self.stopped_early = False
         self.task_name = ""
         self.mod = None
+        self.postprocs: list = []
         self.measured: set[int] = set()
         self.duplicates_dropped = 0
         self.batches = 0
@@ -113,10 +132,12 @@ class BudgetedStrategy(PySearchStrategy):
     def _initialize_with_tune_context(self, context) -> None:
         self.task_name = str(context.task_name)
         self.mod = context.mod
+        self.postprocs = list(context.space_generator.postprocs or []) if context.space_generator else []
         self.inner._initialize_with_tune_context(context)
 
     def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None) -> None:
-        self.measured = measured_schedules(database, self.mod) if database is not None and self.mod is not None else set()
+        self.measured = (measured_schedules(database, self.mod, self.postprocs)
+                         if database is not None and self.mod is not None else set())
         self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
 
     def post_tuning(self) -> None:

@@ -131,3 +131,23 @@ def test_the_first_batch_of_a_task_is_trimmed_to_the_short_first_pass(workload):
     strategy.notify_runner_results([], [])
     assert len(strategy.generate_measure_candidates()) == 8  # later batches are full
     assert budget.remaining == 64 - 10
+
+
+def test_a_resume_from_the_log_file_skips_schedules_whose_weights_were_repacked(workload, tmp_path):
+    """A kernel whose weight may be repacked (layout rewrite) is post-processed by ``RewriteLayout``;
+    the log's records, read back from its JSON files, must still be recognised as measured."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from host.tuning.strategy import Budget
+
+    repacked = type(workload)({"main": workload["main"].with_attr("layout_free_buffers", [1])})
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path))
+    first = _strategy(repacked, database, Budget(remaining=64), seed=7).generate_measure_candidates()
+    assert any("transform_layout" in str(c.sch.trace) for c in first)  # the weight was repacked
+    _commit(database, repacked, first)
+
+    reopened = ms.database.JSONDatabase(work_dir=str(tmp_path))
+    resumed = _strategy(repacked, reopened, Budget(remaining=64), seed=7)
+    batch = resumed.generate_measure_candidates()
+    assert batch and not _keys(batch) & _keys(first)
+    assert resumed.duplicates_dropped >= len(first)
