@@ -205,7 +205,7 @@ def _from_store(tasks: list[Task], target: dict[str, Any], schedules: str | None
     then uses default schedules, and says why)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from ..schedules.store import ScheduleStore, ScheduleStoreError, sessions_use_store
+    from ..schedules.store import ScheduleStore, ScheduleStoreError, retarget, sessions_use_store
 
     db, names = ms.database.MemoryDatabase(), []
     if not tasks or not use_schedules or (schedules is None and not sessions_use_store()):
@@ -222,7 +222,13 @@ def _from_store(tasks: list[Task], target: dict[str, Any], schedules: str | None
             if best is None:
                 continue
             workload = db.commit_workload(mod)
-            db.commit_tuning_record(ms.database.TuningRecord.from_json(best.record, workload))
+            try:
+                record = retarget(best.record, store.workload(best.digest).mod, mod)
+                db.commit_tuning_record(ms.database.TuningRecord.from_json(record, workload))
+            except Exception as err:  # noqa: BLE001 - a schedule that does not apply leaves the task to the default
+                logger.warning("%s: the schedule store's record does not apply (%s); default schedule", task.name,
+                               str(err).splitlines()[-1] if str(err) else type(err).__name__)
+                continue
             names.append(task.name)
     return db, names
 

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -115,6 +116,40 @@ def record_json(record: Any) -> list[Any]:
     from tvm.s_tir.meta_schedule import _ffi_api
 
     return _plain(_ffi_api.TuningRecordAsJSON(record))
+
+
+def block_names(mod: Any) -> list[str]:
+    """The names of the blocks of a workload's function, in the order its TVMScript lists them."""
+    return re.findall(r'T\.sblock\("([^"]+)"', mod.script())
+
+
+def retarget(record: list[Any], source_mod: Any, target_mod: Any) -> list[Any]:
+    """A record's plain JSON (see :func:`record_json`) made to apply to ``target_mod``.
+
+    A trace finds blocks by name, and two models' structurally equal kernels (one workload to the store)
+    can name blocks after their own Relax variables (``lv85_red`` in one, ``lv157_red`` in the other):
+    the names are mapped block by block, in the order both modules list them. Raises
+    :class:`ScheduleStoreError` if the two modules do not have the same blocks."""
+    source, target = block_names(source_mod), block_names(target_mod)
+    if source == target:
+        return record
+    if len(source) != len(target):
+        raise ScheduleStoreError("a stored schedule does not fit this kernel (its blocks differ)")
+    names = dict(zip(source, target))
+    insts, decisions = record[0]
+    renamed = []
+    for inst in insts:  # [kind, inputs, attrs, outputs]; GetSBlock's attrs are [block name, function name]
+        if inst[0] == "GetSBlock" and inst[2]:
+            inst = [inst[0], inst[1], [names.get(inst[2][0], inst[2][0]), *inst[2][1:]], *inst[3:]]
+        renamed.append(inst)
+    return [[renamed, decisions], *record[1:]]
+
+
+def rebind(record: Any, workload: Any) -> Any:
+    """``record`` (a ``TuningRecord`` of a structurally equal workload) as a record of ``workload``."""
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    return TuningRecord.from_json(retarget(record_json(record), record.workload.mod, workload.mod), workload)
 
 
 def _plain(value: Any) -> Any:
@@ -555,7 +590,7 @@ def _make_database_class():
             if top_k <= 0:
                 return []
             digests = self.store.find_workloads(workload.mod)
-            return [TuningRecord.from_json(r.record, workload)
+            return [TuningRecord.from_json(retarget(r.record, self.store.workload(r.digest).mod, workload.mod), workload)
                     for r in self.store.records(self.cpu_class, digests, measured_only=True, limit=top_k)]
 
         def get_all_tuning_records(self) -> list[Any]:

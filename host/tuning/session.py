@@ -489,13 +489,17 @@ def _replay(seed_best: dict[int, Any], run: _Run, search: _Search) -> int:
     from tvm.s_tir.meta_schedule.database import TuningRecord
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
+    from ..schedules.store import rebind
+
     replayed = 0
     for idx in sorted(seed_best):
         if run.budget.take(1) == 0:
             break
-        record = seed_best[idx]
+        # The seed's trace is rebound to this session's kernel (block names differ between models), so
+        # the record committed below applies to the workload it is filed under.
+        workload = search.database.commit_workload(search.contexts[idx].mod)
         try:
-            candidate = record.as_measure_candidate()
+            candidate = rebind(seed_best[idx], workload).as_measure_candidate()
         except Exception as err:  # noqa: BLE001
             logger.debug("seed record does not apply: %s", err)
             run.budget.remaining += 1
@@ -507,7 +511,6 @@ def _replay(seed_best: dict[int, Any], run: _Run, search: _Search) -> int:
             ran = search.runner.run([RunnerInput(built.artifact_path, "cpu", candidate.args_info)])[0].result()
             board = run.progress.board_of.pop(str(built.artifact_path), None)
             run_secs, error = ran.run_secs, ran.error_msg
-        workload = search.database.commit_workload(search.contexts[idx].mod)
         search.database.commit_tuning_record(TuningRecord(candidate.sch.trace, workload, run_secs, search.tvm_target,
                                                           candidate.args_info))
         latency = None if error else mean_run_secs(run_secs)

@@ -160,3 +160,48 @@ def test_cli_import_ls_show_export(tmp_path: Path):
     nothing = _edgetune("schedules", "import", str(empty), "--schedules", location)
     assert nothing.returncode != 0 and "holds no tuning log" in nothing.stderr
     assert len(nothing.stderr.strip().splitlines()) == 1
+
+
+def _mean_kernel(block: str):
+    """A row mean whose block is named ``block``: two models' copies of one kernel differ only in such names."""
+    import tvm
+    from tvm import te
+
+    a = te.placeholder((1, 512, 49), "float32", name="A")
+    k = te.reduce_axis((0, 49), name="k")
+    red = te.compute((1, 512), lambda n, c: te.sum(a[n, c, k], axis=k), name=block)
+    out = te.compute((1, 512), lambda n, c: red[n, c] / 49.0, name="T_divide")
+    return tvm.IRModule({"main": te.create_prim_func([a, out]).with_attr("global_symbol", "main")})
+
+
+def test_a_schedule_of_one_model_applies_to_the_same_kernel_of_another(store: ScheduleStore, tmp_path: Path):
+    """Block names come from each model's own variables; the store serves a record to either model."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord, Workload
+
+    from host.schedules.store import rebind
+
+    ours, theirs = _mean_kernel("lv157_red"), _mean_kernel("lv85_red")
+    assert tvm_ffi.structural_equal(ours, theirs)  # one workload to the store
+    target = json.loads((SMALL / "session.json").read_text())["target"]
+    sch = Schedule(ours)
+    sch.parallel(sch.get_loops(sch.get_sblock("lv157_red"))[1])
+    record = TuningRecord(sch.trace, Workload(ours), [2e-5], tvm.target.Target(target),
+                          ArgInfo.from_prim_func(ours["main"]))
+    database = store.database(target, source="test")
+    database.commit_workload(ours)
+    database.commit_tuning_record(record)
+
+    # MetaSchedule's own query for the other model's kernel applies the stored schedule to it.
+    found = database.query_schedule(theirs, tvm.target.Target(target), "main")
+    assert found is not None and "T.parallel" in found.mod.script()
+    # A session files a seed under its own kernel: the log it writes loads again (stock TVM reads it).
+    (tmp_path / "log").mkdir()
+    log = JSONDatabase(work_dir=str(tmp_path / "log"))
+    rebound = rebind(record, log.commit_workload(theirs))
+    log.commit_tuning_record(rebound)
+    reread = JSONDatabase(work_dir=str(tmp_path / "log")).get_all_tuning_records()
+    assert len(reread) == 1 and "lv85_red" in str(reread[0].trace)
