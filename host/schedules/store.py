@@ -123,24 +123,43 @@ def block_names(mod: Any) -> list[str]:
     return re.findall(r'T\.sblock\("([^"]+)"', mod.script())
 
 
+def buffer_names(mod: Any) -> list[str]:
+    """The names of the buffers of a workload's function (parameters, then allocations), in order."""
+    return re.findall(r'(\w+)(?:: T\.Buffer\(| = T\.(?:sblock_)?alloc_buffer\()', mod.script())
+
+
 def retarget(record: list[Any], source_mod: Any, target_mod: Any) -> list[Any]:
     """A record's plain JSON (see :func:`record_json`) made to apply to ``target_mod``.
 
     A trace finds blocks by name, and two models' structurally equal kernels (one workload to the store)
-    can name blocks after their own Relax variables (``lv85_red`` in one, ``lv157_red`` in the other):
-    the names are mapped block by block, in the order both modules list them. Raises
-    :class:`ScheduleStoreError` if the two modules do not have the same blocks."""
-    source, target = block_names(source_mod), block_names(target_mod)
-    if source == target:
+    name blocks and buffers after their own Relax variables (``lv85_red`` in one, ``lv157_red`` in the
+    other). Names are mapped in the order both modules list them; a block the trace made itself is named
+    after the block or buffer it came from plus a suffix (``lv157_red_rf``, ``lv74_global``) and is
+    mapped by that prefix. Raises :class:`ScheduleStoreError` if the modules' blocks or buffers differ."""
+    pairs = []
+    for names_of in (block_names, buffer_names):
+        source, target = names_of(source_mod), names_of(target_mod)
+        if len(source) != len(target):
+            raise ScheduleStoreError("a stored schedule does not fit this kernel (its blocks differ)")
+        pairs += [(a, b) for a, b in zip(source, target) if a != b]
+    if not pairs:
         return record
-    if len(source) != len(target):
-        raise ScheduleStoreError("a stored schedule does not fit this kernel (its blocks differ)")
-    names = dict(zip(source, target))
+    names = dict(pairs)
+    prefixes = sorted(names, key=len, reverse=True)
+
+    def mapped(name: str) -> str:
+        if name in names:
+            return names[name]
+        for prefix in prefixes:
+            if name.startswith(prefix + "_"):
+                return names[prefix] + name[len(prefix):]
+        return name
+
     insts, decisions = record[0]
     renamed = []
     for inst in insts:  # [kind, inputs, attrs, outputs]; GetSBlock's attrs are [block name, function name]
         if inst[0] == "GetSBlock" and inst[2]:
-            inst = [inst[0], inst[1], [names.get(inst[2][0], inst[2][0]), *inst[2][1:]], *inst[3:]]
+            inst = [inst[0], inst[1], [mapped(inst[2][0]), *inst[2][1:]], *inst[3:]]
         renamed.append(inst)
     return [[renamed, decisions], *record[1:]]
 

@@ -162,12 +162,13 @@ def test_cli_import_ls_show_export(tmp_path: Path):
     assert len(nothing.stderr.strip().splitlines()) == 1
 
 
-def _mean_kernel(block: str):
-    """A row mean whose block is named ``block``: two models' copies of one kernel differ only in such names."""
+def _mean_kernel(block: str, buffer: str):
+    """A row mean whose block and input are named ``block`` and ``buffer``: two models' copies of one
+    kernel differ only in such names (after their own Relax variables)."""
     import tvm
     from tvm import te
 
-    a = te.placeholder((1, 512, 49), "float32", name="A")
+    a = te.placeholder((1, 512, 49), "float32", name=buffer)
     k = te.reduce_axis((0, 49), name="k")
     red = te.compute((1, 512), lambda n, c: te.sum(a[n, c, k], axis=k), name=block)
     out = te.compute((1, 512), lambda n, c: red[n, c] / 49.0, name="T_divide")
@@ -184,11 +185,17 @@ def test_a_schedule_of_one_model_applies_to_the_same_kernel_of_another(store: Sc
 
     from host.schedules.store import rebind
 
-    ours, theirs = _mean_kernel("lv157_red"), _mean_kernel("lv85_red")
+    ours, theirs = _mean_kernel("lv157_red", "lv157"), _mean_kernel("lv85_red", "lv85")
     assert tvm_ffi.structural_equal(ours, theirs)  # one workload to the store
     target = json.loads((SMALL / "session.json").read_text())["target"]
     sch = Schedule(ours)
-    sch.parallel(sch.get_loops(sch.get_sblock("lv157_red"))[1])
+    # As MetaSchedule's traces do: blocks the trace makes (an rfactor, a cache read) are found again by
+    # their names, which derive from the model's own names.
+    _, inner = sch.split(sch.get_loops(sch.get_sblock("lv157_red"))[2], factors=[None, 7])
+    sch.rfactor(inner, factor_axis=0)
+    sch.cache_read(sch.get_sblock("lv157_red_rf"), 0, "global")
+    sch.parallel(sch.get_loops(sch.get_sblock("lv157_red_rf"))[1])
+    sch.compute_at(sch.get_sblock("lv157_global"), sch.get_loops(sch.get_sblock("lv157_red_rf"))[1])
     record = TuningRecord(sch.trace, Workload(ours), [2e-5], tvm.target.Target(target),
                           ArgInfo.from_prim_func(ours["main"]))
     database = store.database(target, source="test")
@@ -204,4 +211,4 @@ def test_a_schedule_of_one_model_applies_to_the_same_kernel_of_another(store: Sc
     rebound = rebind(record, log.commit_workload(theirs))
     log.commit_tuning_record(rebound)
     reread = JSONDatabase(work_dir=str(tmp_path / "log")).get_all_tuning_records()
-    assert len(reread) == 1 and "lv85_red" in str(reread[0].trace)
+    assert len(reread) == 1 and "lv85_red_rf" in str(reread[0].trace) and "lv157" not in str(reread[0].trace)
