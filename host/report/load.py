@@ -184,11 +184,29 @@ def _add_decisions(log: TuningLog, data: ReportLog) -> None:
                                    "differs from the best trial of the history")
 
 
+def untuned_us(data: ReportLog) -> dict[int, float]:
+    """Each task's kernel without a schedule, as the session measured it before its first trial (µs)."""
+    raw = data.session.get("untuned_us")
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and str(key).isdigit():
+            out[int(key)] = float(value)
+    return out
+
+
 def estimate_curve(data: ReportLog) -> tuple[list[int], list[float], list[bool]]:
-    """Per trial: estimated model latency (ms) from the best latencies so far, and whether it is complete."""
-    best: dict[int, float] = {}
+    """Per trial: estimated model latency (ms) from the best latencies so far, and whether it is complete.
+    When the session measured every task's untuned kernel, the curve starts at trial 0 with the untuned
+    model and every task's best starts there, so the curve only falls."""
+    best: dict[int, float] = untuned_us(data)
     weights = {t.index: t.weight for t in data.tasks}
     xs, ys, complete = [], [], []
+    if best and all(t.index in best for t in data.tasks):
+        xs.append(0)
+        ys.append(sum(weights.get(k, 1) * v for k, v in best.items()) / 1e3)
+        complete.append(True)
     for trial in data.trials:
         if trial.latency_us is not None:
             held = best.get(trial.task)

@@ -52,6 +52,10 @@ def _mark_failures(ax: Any, xs: list[int], label: str | None) -> None:
     )
 
 
+# The convergence plot switches to a log scale when its highest point is this many times its lowest.
+LOG_SCALE_RANGE = 20.0
+
+
 def plot_overall(data: ReportLog, path: Path) -> None:
     """Estimated model latency (ms, best so far) against the trial number; failed trials as red crosses."""
     from matplotlib.ticker import MaxNLocator
@@ -72,6 +76,10 @@ def plot_overall(data: ReportLog, path: Path) -> None:
     if full_x:
         ax.step(full_x, full_y, where="post", color="#1f77b4", linewidth=2.0,
                 label="estimated model latency (best so far)")
+        if full_x[0] == 0:  # the session measured the untuned model first: the curve starts there
+            ax.plot(full_x[:1], full_y[:1], "o", color="#555555", markersize=5)
+            ax.annotate(f"untuned {_num(full_y[0])} ms", (0, full_y[0]), textcoords="offset points",
+                        xytext=(8, -8), ha="left", va="top", fontsize=9, color="#555555")
         ax.plot(full_x[-1:], full_y[-1:], "o", color="#1f77b4", markersize=5)
         ax.annotate(f"{_num(full_y[-1])} ms", (full_x[-1], full_y[-1]), textcoords="offset points",
                     xytext=(-4, 8), ha="right", fontsize=9, color="#1f77b4")
@@ -89,9 +97,12 @@ def plot_overall(data: ReportLog, path: Path) -> None:
     ax.set_xlabel("trial number (all tasks)")
     ax.set_ylabel("estimated latency (ms, lower is better)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(bottom=0)
+    if ys and min(ys) > 0 and max(ys) / min(ys) > LOG_SCALE_RANGE:
+        ax.set_yscale("log")  # from the untuned model down to the tuned one: both ends readable
+    else:
+        ax.set_ylim(bottom=0)
     if data.trials:
-        ax.set_xlim(0.5, max(t.trial for t in data.trials) + 0.5)
+        ax.set_xlim(-0.5 if xs and xs[0] == 0 else 0.5, max(t.trial for t in data.trials) + 0.5)
     ax.grid(True, alpha=0.3)
     if not xs:
         ax.text(0.5, 0.5, "no successful trial yet", transform=ax.transAxes, ha="center", va="center",

@@ -95,6 +95,10 @@ class _Display:
                 click.echo(f"no ONNX Runtime baseline: {event['note']}", err=True)
         elif kind == "warming":
             click.echo(f"starting {event['what']}...", err=True)
+        elif kind == "untuned":
+            if event.get("estimated_ms") is not None:
+                click.echo(f"untuned model on the board (each kernel without a schedule): {event['estimated_ms']:.3f} ms "
+                           "estimated", err=True)
         elif kind == "seeded":
             click.echo(f"starting from {event['source']}: {event['records']} records "
                        f"({event['pretrained']} trained the cost model; the best of {event['tasks_matched']} "

@@ -214,6 +214,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
                 _measure_baseline(run, emit)
                 emit({"event": "warming", "what": "build workers"})
                 search.builder.warm_up()
+                _measure_untuned(run, search, emit)
                 _seed(run, search)
                 _search(run, search)
                 status = Status.COMPLETED
@@ -426,6 +427,44 @@ def _measure_baseline(run: _Run, emit: Callable[[Event], None]) -> None:
                                  "runtime": timing.label} if timing else {"note": note})
     emit({"event": "baseline", **baseline})
     run.session["baseline"] = baseline
+    run.log.save_session()
+
+
+def _measure_untuned(run: _Run, search: _Search, emit: Callable[[Event], None]) -> None:
+    """Each task's kernel as TVM builds it without a schedule, measured once per log on a board: the
+    start of the report's convergence curve (the untuned model), from which it only falls. These are not
+    trials: they take no budget and are not written to the MetaSchedule database."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RunnerInput
+
+    from .runner import BoardRunner
+
+    if isinstance(run.session.get("untuned_us"), dict):
+        return
+    # One timed run each: an unscheduled kernel is slow (a second on a Pi for a large conv), and its
+    # time only has to place the start of the curve.
+    runner = BoardRunner(run.options.tracker, run.options.key, EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0),
+                         no_board_deadline_sec=run.options.no_board_deadline_sec, on_event=emit,
+                         board_log=run.progress.board_of)
+    untuned: dict[str, float | None] = {}
+    try:
+        for task, context in zip(run.tasks, search.contexts):
+            built = search.builder.build([BuilderInput(context.mod, search.tvm_target)])[0]
+            latency = None
+            if not built.error_msg:
+                func = next(iter(context.mod.functions.values()))
+                ran = runner.run([RunnerInput(built.artifact_path, "cpu", ArgInfo.from_prim_func(func))])[0].result()
+                run.progress.board_of.pop(str(built.artifact_path), None)
+                secs = None if ran.error_msg else mean_run_secs(ran.run_secs)
+                latency = round(secs * 1e6, 3) if secs is not None else None
+            untuned[str(task.index)] = latency
+    finally:
+        runner.shutdown()
+    known = [t.weight * untuned[str(t.index)] for t in run.tasks if untuned[str(t.index)] is not None]
+    estimate = round(sum(known) / 1e3, 3) if len(known) == len(run.tasks) else None
+    emit({"event": "untuned", "estimated_ms": estimate, "tasks_measured": len(known)})
+    run.session["untuned_us"] = untuned
     run.log.save_session()
 
 

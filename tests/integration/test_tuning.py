@@ -8,6 +8,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import tune_cli
 from tests.peers import EDGETUNE, free_port, peer_env, run_cli, wait_for, wait_registered
 
@@ -80,6 +82,29 @@ def test_tune_writes_stock_database_and_log_show_lists_every_task(cold_log):
     assert tuned and all(t["gflops"] and t["gflops"] > 0 for t in tuned if t["flops"])
     conv = next(t for t in tuned if t["name"].startswith("fused_conv2d"))
     assert any("tile" in line for line in conv["decisions"])
+
+
+def test_untuned_kernels_are_measured_first_and_start_the_curve(cold_log):
+    """Before its first trial a session times every kernel without a schedule (not a trial, not in the
+    database): the report's curve starts at the untuned model and only falls."""
+    from host.report.load import estimate_curve, load
+
+    log_dir = cold_log["dir"]
+    session = session_of(log_dir)
+    untuned = session["untuned_us"]
+    assert sorted(untuned) == sorted(str(t["index"]) for t in session["tasks"])
+    assert all(v is not None and v > 0 for v in untuned.values())
+    best = {t["index"]: min(h["latency_us"] for h in history_of(log_dir) if h["task"] == t["index"]
+                            and h["latency_us"] is not None) for t in session["tasks"]}
+    assert sum(untuned[str(i)] for i in best) > sum(best.values())  # tuning paid on this board
+    event = next(e for e in cold_log["events"] if e["event"] == "untuned")
+    weights = {str(t["index"]): t["weight"] for t in session["tasks"]}
+    assert event["estimated_ms"] == pytest.approx(sum(weights[k] * v for k, v in untuned.items()) / 1e3, rel=1e-3)
+    assert len(records_of(log_dir)) == session["trials_done"] == 16  # not trials, not records
+
+    xs, ys, complete = estimate_curve(load(log_dir))
+    assert xs[0] == 0 and ys[0] == pytest.approx(event["estimated_ms"], rel=1e-3) and all(complete)
+    assert all(later <= earlier for earlier, later in zip(ys, ys[1:]))
 
 
 def test_two_agents_under_one_key_both_measure(peers, tmp_path):

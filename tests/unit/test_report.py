@@ -207,3 +207,23 @@ def test_onnxruntime_measured_on_the_board_is_in_the_header(log_dir: Path) -> No
     assert row, page[:2000]
     assert row.group(1).startswith("0.25 ms (p50")
     assert f"{result.estimated_latency_ms / 0.25:.2f}x that" in row.group(1)
+
+
+def test_the_curve_starts_at_the_untuned_model_and_only_falls(log_dir: Path) -> None:
+    from host.report.load import estimate_curve, load
+
+    before, _, complete_before = estimate_curve(load(log_dir))
+    assert not all(complete_before)  # without the untuned kernels it starts as a lower bound
+    session = _session()
+    tasks = session["tasks"]
+    session["untuned_us"] = {str(t["index"]): 5000.0 * (i + 1) for i, t in enumerate(tasks)}
+    (log_dir / "session.json").write_text(json.dumps(session))
+
+    xs, ys, complete = estimate_curve(load(log_dir))
+    assert xs[0] == 0 and xs[1:] == before
+    assert ys[0] == pytest.approx(sum(t["weight"] * 5.0 * (i + 1) for i, t in enumerate(tasks)))
+    assert all(complete)
+    assert all(later <= earlier for earlier, later in zip(ys, ys[1:]))
+    result = make_report(log_dir)
+    assert ys[-1] == pytest.approx(result.estimated_latency_ms)
+    assert all(_png_size(png)[0] >= 400 for png in result.pngs)
