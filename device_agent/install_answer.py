@@ -17,15 +17,15 @@ import enum
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from .errors import AgentError
 from .schema import clean_text, is_clean_text
+from .selfcheck import SelfCheckResult
 
 if TYPE_CHECKING:
     from .manifest import Manifest
-    from .selfcheck import SelfCheckResult
     from .store import InstallError, InstallResult
 
 ANSWER_VERSION = 1
@@ -60,25 +60,10 @@ class InstallStatus(enum.Enum):
         return {InstallStatus.INSTALLED: 0, InstallStatus.REFUSED: 1, InstallStatus.ERROR: 2}[self]
 
 
-@dataclass(frozen=True)
-class SelfCheck:
-    """The self-check as the answer reports it. Errors in the model's output units, times in ms."""
-
-    ok: bool
-    max_abs_err: float | None = None
-    p50_ms: float | None = None
-    load_ms: float | None = None
-    runs: int = 0
-    error: str | None = None
-
-    @classmethod
-    def from_result(cls, check: "SelfCheckResult") -> "SelfCheck":
-        return cls(ok=bool(check.ok), max_abs_err=_finite(check.max_abs_err), p50_ms=_finite(check.p50_ms),
-                   load_ms=_finite(check.load_ms), runs=int(check.runs), error=_text(check.error))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "max_abs_err": self.max_abs_err, "p50_ms": self.p50_ms, "load_ms": self.load_ms,
-                "runs": self.runs, "error": self.error}
+def _carried(check: SelfCheckResult) -> SelfCheckResult:
+    """A self-check as the answer carries it: finite figures (or none) and clean, bounded text."""
+    return SelfCheckResult(ok=bool(check.ok), max_abs_err=_finite(check.max_abs_err), p50_ms=_finite(check.p50_ms),
+                           load_ms=_finite(check.load_ms), runs=int(check.runs), error=_text(check.error))
 
 
 @dataclass(frozen=True)
@@ -106,7 +91,7 @@ class InstallAnswer:
     signer: str | None = None
     installed_at: str | None = None
     store: str | None = None
-    self_check: SelfCheck | None = None
+    self_check: SelfCheckResult | None = None
     warnings: tuple[str, ...] = ()
     pruned: tuple[str, ...] = ()
     version: int = field(default=ANSWER_VERSION)
@@ -127,7 +112,7 @@ class InstallAnswer:
             status=InstallStatus.INSTALLED, current=result.slot, slot=result.slot, previous=result.previous,
             model_name=_text(result.model_name), model_sha256=result.model_sha256, key=_text(result.key),
             package_sha256=result.package_sha256, signer=_text(result.signer), installed_at=result.installed_at,
-            store=_text(result.store), self_check=SelfCheck.from_result(result.self_check),
+            store=_text(result.store), self_check=_carried(result.self_check),
             warnings=tuple(_text(w) or "" for w in result.warnings[:MAX_ITEMS]),
             pruned=tuple(_text(p) or "" for p in result.pruned[:MAX_ITEMS]),
         )
@@ -138,7 +123,7 @@ class InstallAnswer:
         return cls(
             status=InstallStatus.REFUSED, current=err.current, error=_one_line(str(err)), step=err.step,
             rolled_back=bool(err.rolled_back),
-            self_check=SelfCheck.from_result(err.self_check) if err.self_check is not None else None,
+            self_check=_carried(err.self_check) if err.self_check is not None else None,
         )
 
     @classmethod
@@ -295,16 +280,16 @@ def _exact_keys(data: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
         raise _Refuse(f"{what} has unknown field{'s' if len(extra) > 1 else ''} {shown}")
 
 
-_CHECK_FIELDS = ("ok", "max_abs_err", "p50_ms", "load_ms", "runs", "error")
+_CHECK_FIELDS = tuple(f.name for f in fields(SelfCheckResult))
 
 
-def _self_check(value: Any) -> SelfCheck | None:
+def _self_check(value: Any) -> SelfCheckResult | None:
     if value is None:
         return None
     if not isinstance(value, dict):
         raise _Refuse(f'"self_check" is {_kind(value)}, not an object')
     _exact_keys(value, _CHECK_FIELDS, '"self_check"')
-    return SelfCheck(
+    return SelfCheckResult(
         ok=_bool(value["ok"], "self_check.ok"),
         max_abs_err=_number(value["max_abs_err"], "self_check.max_abs_err"),
         p50_ms=_number(value["p50_ms"], "self_check.p50_ms"),

@@ -92,6 +92,7 @@ def _bin(name: str) -> str:
 def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
              on_tune_event: Callable[[dict], None] | None = None, runs: int = 30) -> DemoResult:
     """Run the demo in ``workdir``. Raises :class:`EdgetuneError`; stops what it started in any case."""
+    from device_agent import install_answer
     from device_agent.store import status as store_status
     from device_agent.store import trust
 
@@ -199,13 +200,14 @@ def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
             out = subprocess.run([_bin("edgetune-agent"), "install", str(pkg), "--store", str(store), "--json"],
                                  capture_output=True, text=True, timeout=config.SSH_INSTALL_SEC, env=env)
             try:
-                answer = json.loads(out.stdout)
-            except ValueError:
-                raise EdgetuneError(f"the agent's install failed: {out.stderr.strip()[-300:]}") from None
-            if out.returncode != 0 or not answer.get("ok", False):
-                raise EdgetuneError(f"the agent refused the package: {answer.get('error')}")
-            installed = {"slot": answer.get("slot"), "self_check_ok": answer["self_check"]["ok"],
-                         "p50_ms": answer["self_check"].get("p50_ms")}
+                answer = install_answer.parse(out.stdout)
+            except install_answer.InstallAnswerError as err:
+                raise EdgetuneError(f"the agent's install failed ({err}): {out.stderr.strip()[-300:]}") from None
+            if not answer.ok:
+                raise EdgetuneError(f"the agent refused the package: {answer.error}")
+            check = answer.self_check
+            installed = {"slot": answer.slot, "self_check_ok": check is not None and check.ok,
+                         "p50_ms": check.p50_ms if check is not None else None}
         now = store_status(store)
         installed.update(current=now.current, model=now.model_name)
         say(f"flashed via {flashed_via}: slot {installed['slot']}, self-check "

@@ -30,7 +30,8 @@ import paramiko
 import pytest
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
-from device_agent.install_answer import InstallAnswer, InstallStatus, SelfCheck
+from device_agent.install_answer import InstallAnswer, InstallStatus
+from device_agent.selfcheck import SelfCheckResult
 from device_agent.manifest import SIGNATURE_NAME
 from device_agent.schema import EDGETUNE_SERVICE, BoardRecord
 from host.flash import FlashResult, FlashTarget, flash
@@ -588,7 +589,7 @@ def _genuine_answer(pkg: Path) -> dict:
         model_name=manifest.model_name, model_sha256=manifest.model_sha256, key=manifest.key,
         package_sha256=hashlib.sha256(pkg.read_bytes()).hexdigest(), signer="SHA256:x",
         installed_at="2026-12-03T03:15:00+00:00", store="/var/lib/edgetune",
-        self_check=SelfCheck(ok=True, max_abs_err=0.0, p50_ms=0.2, load_ms=30.0, runs=10),
+        self_check=SelfCheckResult(ok=True, max_abs_err=0.0, p50_ms=0.2, load_ms=30.0, runs=10),
     ).as_dict()
 
 

@@ -16,7 +16,6 @@ from device_agent.install_answer import (
     InstallAnswer,
     InstallAnswerError,
     InstallStatus,
-    SelfCheck,
     parse,
 )
 from device_agent.manifest import Manifest
@@ -78,7 +77,7 @@ def test_the_board_writes_only_printable_one_line_text_and_no_nan() -> None:
         self_check=SelfCheckResult(ok=False, max_abs_err=float("nan"), p50_ms=float("inf"), error="a\rb"),
     ))
     assert answer.error == "model.so does not match its sha256"
-    assert answer.self_check == SelfCheck(ok=False, max_abs_err=None, p50_ms=None, error="a?b")
+    assert answer.self_check == SelfCheckResult(ok=False, max_abs_err=None, p50_ms=None, error="a?b")
     text = answer.to_json()
     assert "NaN" not in text and "Infinity" not in text
     assert parse(text) == answer
