@@ -17,14 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
+from zeroconf import IPVersion, Zeroconf
 
-from device_agent.errors import AgentError
-from device_agent.mdns import open_zeroconf
 from device_agent.schema import BoardRecord
 
 from .. import config
-from ..discovery.browse import NOT_REGISTERED, UNKNOWN, Board
+from ..discovery.browse import NOT_REGISTERED, UNKNOWN, Board, resolve_services
 from ..errors import EdgetuneError
 from .adb import AdbRunner, AndroidError, run_adb
 from .phones import RecordedPhone, recorded_phones
@@ -117,47 +115,12 @@ class WirelessPhone:
 def browse_phones(timeout: float, zc: Zeroconf | None = None) -> list[WirelessPhone]:
     """Listen ``timeout`` seconds for phones with Wireless debugging on. Raises :class:`EdgetuneError`
     when mDNS cannot run here."""
-    own = zc is None
-    if zc is None:
-        try:
-            zc = open_zeroconf()
-        except AgentError as err:
-            raise EdgetuneError(str(err)) from None
-    names: set[str] = set()
-    lock = threading.Lock()
-
-    def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
-        if state_change is not ServiceStateChange.Removed:
-            with lock:
-                names.add(name)
-
-    browser = ServiceBrowser(zc, ADB_TLS_SERVICE, handlers=[on_change])
-    found: dict[str, WirelessPhone] = {}
-    ignored: set[str] = set()  # names Android does not give
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with lock:
-                pending = names - found.keys() - ignored
-            for name in pending:
-                serial = serial_from_instance(name)
-                if serial is None:
-                    ignored.add(name)
-                    continue
-                remaining = max(deadline - time.monotonic(), 0.3)
-                info = zc.get_service_info(ADB_TLS_SERVICE, name, timeout=int(min(remaining, 3.0) * 1000))
-                if info is None:
-                    continue
-                found[name] = WirelessPhone(serial, name.split("._adb-tls-connect.", 1)[0],
-                                            tuple(info.parsed_addresses(IPVersion.V4Only)), int(info.port or 0))
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.1)
-    finally:
-        browser.cancel()
-        if own:
-            zc.close()
-    return list(found.values())
+    found: list[WirelessPhone] = []
+    for name, info in resolve_services(ADB_TLS_SERVICE, timeout, zc,
+                                       wanted=lambda n: serial_from_instance(n) is not None):
+        found.append(WirelessPhone(str(serial_from_instance(name)), name.split("._adb-tls-connect.", 1)[0],
+                                   tuple(info.parsed_addresses(IPVersion.V4Only)), int(info.port or 0)))
+    return found
 
 
 @dataclass

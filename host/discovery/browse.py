@@ -16,9 +16,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
+from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from device_agent.errors import AgentError
 from device_agent.mdns import open_zeroconf
@@ -76,9 +76,10 @@ class _Seen:
     addresses: list[str] = field(default_factory=list)
 
 
-def browse_boards(timeout: float, zc: Zeroconf | None = None) -> dict[str, _Seen]:
-    """Listen ``timeout`` seconds for ``_edgetune._tcp`` boards; service instance name -> record and
-    addresses (a board id may come in several: see :func:`merge`).
+def resolve_services(service: str, timeout: float, zc: Zeroconf | None = None,
+                     wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, ServiceInfo]]:
+    """Listen ``timeout`` seconds for instances of the mDNS ``service`` type and yield each one (its name
+    and resolved info) once; instances whose name ``wanted`` refuses are not resolved.
 
     Raises :class:`EdgetuneError` when mDNS cannot run here.
     """
@@ -89,7 +90,6 @@ def browse_boards(timeout: float, zc: Zeroconf | None = None) -> dict[str, _Seen
         except AgentError as err:
             raise EdgetuneError(str(err).replace("pass --no-advertise and --tracker HOST:PORT",
                                                  "pass --tracker HOST:PORT")) from None
-    seen: dict[str, _Seen] = {}
     lock = threading.Lock()
     names: set[str] = set()
 
@@ -98,29 +98,23 @@ def browse_boards(timeout: float, zc: Zeroconf | None = None) -> dict[str, _Seen
             with lock:
                 names.add(name)
 
-    browser = ServiceBrowser(zc, EDGETUNE_SERVICE, handlers=[on_change])
+    browser = ServiceBrowser(zc, service, handlers=[on_change])
     try:
         deadline = time.monotonic() + timeout
-        resolved: set[str] = set()
+        done: set[str] = set()
         while True:
             with lock:
-                pending = names - resolved
+                pending = names - done
             for name in pending:
+                if wanted is not None and not wanted(name):
+                    done.add(name)
+                    continue
                 remaining = max(deadline - time.monotonic(), 0.3)
-                info = zc.get_service_info(EDGETUNE_SERVICE, name, timeout=int(min(remaining, 3.0) * 1000))
+                info = zc.get_service_info(service, name, timeout=int(min(remaining, 3.0) * 1000))
                 if info is None:
                     continue
-                resolved.add(name)
-                service = clean_text(name)
-                try:
-                    record = BoardRecord.from_txt(info.properties)
-                except AgentError as err:
-                    logger.warning("ignoring %s: %s", service, err)
-                    continue
-                entry = seen.setdefault(service, _Seen(record))
-                for address in info.parsed_addresses(IPVersion.V4Only):
-                    if address not in entry.addresses:
-                        entry.addresses.append(address)
+                done.add(name)
+                yield name, info
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
@@ -128,6 +122,26 @@ def browse_boards(timeout: float, zc: Zeroconf | None = None) -> dict[str, _Seen
         browser.cancel()
         if own:
             zc.close()
+
+
+def browse_boards(timeout: float, zc: Zeroconf | None = None) -> dict[str, _Seen]:
+    """Listen ``timeout`` seconds for ``_edgetune._tcp`` boards; service instance name -> record and
+    addresses (a board id may come in several: see :func:`merge`).
+
+    Raises :class:`EdgetuneError` when mDNS cannot run here.
+    """
+    seen: dict[str, _Seen] = {}
+    for name, info in resolve_services(EDGETUNE_SERVICE, timeout, zc):
+        service = clean_text(name)
+        try:
+            record = BoardRecord.from_txt(info.properties)
+        except AgentError as err:
+            logger.warning("ignoring %s: %s", service, err)
+            continue
+        entry = seen.setdefault(service, _Seen(record))
+        for address in info.parsed_addresses(IPVersion.V4Only):
+            if address not in entry.addresses:
+                entry.addresses.append(address)
     return seen
 
 
