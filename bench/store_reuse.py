@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--mobilenet-trials", type=int, default=500, help="trials of the mobilenet_v2 session")
     parser.add_argument("--seeded-share", type=float, default=0.5,
                         help="budget of each seeded session, as a share of the cold trials to the reference")
+    parser.add_argument("--sources", default="resnet34,mobilenet_v2",
+                        help="which stores to seed resnet18 from (comma-separated: resnet34, mobilenet_v2)")
     parser.add_argument("--logs", default=str(Path.home() / ".cache" / "edgetune" / "bench-logs"))
     args = parser.parse_args()
     os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
@@ -93,6 +95,7 @@ def main() -> None:
         sessions["cold"].update(best_ms=round(best, 3), trials_to_reference=cold_needed)
 
         sources = {"resnet34": (resnet34, args.source_trials), "mobilenet_v2": ("mobilenet_v2", args.mobilenet_trials)}
+        sources = {name: sources[name] for name in args.sources.split(",") if name in sources}
         budget = max(1, int(cold_needed * args.seeded_share))
         for name, (model, trials) in sources.items():
             source_log = logs / f"{Path(model).stem}-{trials}-default"
