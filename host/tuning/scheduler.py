@@ -5,8 +5,7 @@ with the batch size a session can afford (budget / tasks), most of a small budge
 uniform pass and no task ever saw a cost-model-guided second batch. Here:
 
 1. first pass: every task gets one short batch (the strategy trims it, see ``BudgetedStrategy``), so
-   each task has a measured latency and the shared XGBoost model has data from every kernel shape; a
-   task already measured when the search starts (resumed, or seeded from the schedule store) skips it;
+   each task has a measured latency and the shared XGBoost model has data from every kernel shape;
 2. then each batch goes to the task with the largest ``weight x best latency / batches so far``: a
    task's trials grow with its share of the model's time, and a kernel that is a tiny share of it
    (below ``MIN_TIME_SHARE``) gets no more trials while a bigger one is left.
@@ -76,10 +75,7 @@ class WeightedScheduler(PyTaskScheduler):
         super().__init__()
         self.best_us = best_us  # callable: () -> list of each task's best latency in us, or None
         self.weights = list(weights)
-        # A task measured before the search (a resumed log, or the schedule store's best replayed) has
-        # what the first pass would give it, and counts as past it: its batches follow the model's time.
-        known = list(best_us())
-        self.batches = [1 if i < len(known) and known[i] is not None else 0 for i in range(len(self.weights))]
+        self.batches = [0] * len(self.weights)
         self._running: int | None = None
 
     def next_task_id(self) -> int:

@@ -60,14 +60,3 @@ def test_batch_sizes(remaining, tasks, first, later):
     assert batch_sizes(remaining, tasks) == (first, later)
     if remaining >= 4 * tasks:
         assert first * tasks <= remaining // 2
-
-
-def test_tasks_measured_before_the_search_skip_the_first_pass():
-    """A resumed log or the schedule store's replayed best already measured a task: the first pass goes
-    to the others, then batches follow the model's time."""
-    from host.tuning.scheduler import WeightedScheduler
-
-    scheduler = WeightedScheduler(lambda: [900.0, None, 100.0], [1, 1, 1])
-    assert scheduler.batches == [1, 0, 1]
-    assert next_task([900.0, None, 100.0], [1, 1, 1], scheduler.batches, [0, 1, 2]) == 1
-    assert next_task([900.0, 50.0, 100.0], [1, 1, 1], [1, 1, 1], [0, 1, 2]) == 0
