@@ -264,8 +264,11 @@ def test_ctrl_c_during_flash_reports_every_board_at_once(
     cmd = [sys.executable, "-m", "host.cli", "flash", str(small_package), "--host", f"127.0.0.1:{board.port}",
            "--host", f"localhost:{board.port}", "--identity", str(board.client_key), "--known-hosts", str(known),
            "--agent-command", "sleep 30 #", "--remote-dir", str(board.uploads)]
+    # A test run started in the background (`make test &`) ignores SIGINT, and a child would inherit
+    # that: give the flash Ctrl-C's default, as a terminal's foreground process has it.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
-                            env=peer_env(EDGETUNE_SSH_INSTALL_SEC="600"), start_new_session=True)
+                            env=peer_env(EDGETUNE_SSH_INSTALL_SEC="600"), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     progress: list[str] = []
     reader = threading.Thread(target=lambda: progress.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()
