@@ -118,33 +118,41 @@ def record_json(record: Any) -> list[Any]:
     return _plain(_ffi_api.TuningRecordAsJSON(record))
 
 
-def block_names(mod: Any) -> list[str]:
-    """The names of the blocks of a workload's function, in the order its TVMScript lists them."""
-    return re.findall(r'T\.sblock\("([^"]+)"', mod.script())
+def block_names(script: str) -> list[str]:
+    """The names of the blocks of a workload's function (its TVMScript), in the order it lists them."""
+    return re.findall(r'T\.sblock\("([^"]+)"', script)
 
 
-def buffer_names(mod: Any) -> list[str]:
-    """The names of the buffers of a workload's function (parameters, then allocations), in order."""
-    return re.findall(r'(\w+)(?:: T\.Buffer\(| = T\.(?:sblock_)?alloc_buffer\()', mod.script())
+def buffer_names(script: str) -> list[str]:
+    """The names of the buffers of a workload's function (its TVMScript): parameters, then allocations."""
+    return re.findall(r'(\w+)(?:: T\.Buffer\(| = T\.(?:sblock_)?alloc_buffer\()', script)
 
 
-def retarget(record: list[Any], source_mod: Any, target_mod: Any) -> list[Any]:
-    """A record's plain JSON (see :func:`record_json`) made to apply to ``target_mod``.
+def name_map(source_mod: Any, target_mod: Any) -> dict[str, str]:
+    """How the names of ``source_mod``'s blocks and buffers read in the structurally equal ``target_mod``.
 
-    A trace finds blocks by name, and two models' structurally equal kernels (one workload to the store)
-    name blocks and buffers after their own Relax variables (``lv85_red`` in one, ``lv157_red`` in the
-    other). Names are mapped in the order both modules list them; a block the trace made itself is named
-    after the block or buffer it came from plus a suffix (``lv157_red_rf``, ``lv74_global``) and is
-    mapped by that prefix. Raises :class:`ScheduleStoreError` if the modules' blocks or buffers differ."""
-    pairs = []
+    Two models' copies of one kernel (one workload to the store) name blocks and buffers after their own
+    Relax variables (``lv85_red`` in one, ``lv157_red`` in the other); names are paired in the order both
+    modules list them, and only those that differ are kept. Raises :class:`ScheduleStoreError` if the
+    modules' blocks or buffers differ."""
+    if source_mod.same_as(target_mod):
+        return {}
+    source_script, target_script = source_mod.script(), target_mod.script()
+    names: dict[str, str] = {}
     for names_of in (block_names, buffer_names):
-        source, target = names_of(source_mod), names_of(target_mod)
+        source, target = names_of(source_script), names_of(target_script)
         if len(source) != len(target):
             raise ScheduleStoreError("a stored schedule does not fit this kernel (its blocks differ)")
-        pairs += [(a, b) for a, b in zip(source, target) if a != b]
-    if not pairs:
+        names.update((a, b) for a, b in zip(source, target) if a != b)
+    return names
+
+
+def renamed(record: list[Any], names: dict[str, str]) -> list[Any]:
+    """A record's plain JSON (see :func:`record_json`) with the blocks its trace finds renamed by
+    ``names`` (see :func:`name_map`). A block the trace made itself is named after the block or buffer it
+    came from plus a suffix (``lv157_red_rf``, ``lv74_global``) and is renamed by that prefix."""
+    if not names:
         return record
-    names = dict(pairs)
     prefixes = sorted(names, key=len, reverse=True)
 
     def mapped(name: str) -> str:
@@ -156,12 +164,17 @@ def retarget(record: list[Any], source_mod: Any, target_mod: Any) -> list[Any]:
         return name
 
     insts, decisions = record[0]
-    renamed = []
+    out = []
     for inst in insts:  # [kind, inputs, attrs, outputs]; GetSBlock's attrs are [block name, function name]
         if inst[0] == "GetSBlock" and inst[2]:
             inst = [inst[0], inst[1], [mapped(inst[2][0]), *inst[2][1:]], *inst[3:]]
-        renamed.append(inst)
-    return [[renamed, decisions], *record[1:]]
+        out.append(inst)
+    return [[out, decisions], *record[1:]]
+
+
+def retarget(record: list[Any], source_mod: Any, target_mod: Any) -> list[Any]:
+    """A record's plain JSON, made for ``source_mod``, made to apply to ``target_mod``."""
+    return renamed(record, name_map(source_mod, target_mod))
 
 
 def rebind(record: Any, workload: Any) -> Any:
@@ -609,7 +622,8 @@ def _make_database_class():
             if top_k <= 0:
                 return []
             digests = self.store.find_workloads(workload.mod)
-            return [TuningRecord.from_json(retarget(r.record, self.store.workload(r.digest).mod, workload.mod), workload)
+            names = {digest: name_map(self.store.workload(digest).mod, workload.mod) for digest in digests}
+            return [TuningRecord.from_json(renamed(r.record, names[r.digest]), workload)
                     for r in self.store.records(self.cpu_class, digests, measured_only=True, limit=top_k)]
 
         def get_all_tuning_records(self) -> list[Any]:
