@@ -435,8 +435,7 @@ def _measure_untuned(run: _Run, search: _Search, emit: Callable[[Event], None]) 
     start of the report's convergence curve (the untuned model), from which it only falls. These are not
     trials: they take no budget and are not written to the MetaSchedule database."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-    from tvm.s_tir.meta_schedule.builder import BuilderInput
-    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RunnerInput
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig
 
     from .runner import BoardRunner
 
@@ -450,15 +449,10 @@ def _measure_untuned(run: _Run, search: _Search, emit: Callable[[Event], None]) 
     untuned: dict[str, float | None] = {}
     try:
         for task, context in zip(run.tasks, search.contexts):
-            built = search.builder.build([BuilderInput(context.mod, search.tvm_target)])[0]
-            latency = None
-            if not built.error_msg:
-                func = next(iter(context.mod.functions.values()))
-                ran = runner.run([RunnerInput(built.artifact_path, "cpu", ArgInfo.from_prim_func(func))])[0].result()
-                run.progress.board_of.pop(str(built.artifact_path), None)
-                secs = None if ran.error_msg else mean_run_secs(ran.run_secs)
-                latency = round(secs * 1e6, 3) if secs is not None else None
-            untuned[str(task.index)] = latency
+            func = next(iter(context.mod.functions.values()))
+            run_secs, error, _ = _measure_once(run, search, runner, context.mod, ArgInfo.from_prim_func(func))
+            secs = None if error else mean_run_secs(run_secs)
+            untuned[str(task.index)] = round(secs * 1e6, 3) if secs is not None else None
     finally:
         runner.shutdown()
     known = [t.weight * untuned[str(t.index)] for t in run.tasks if untuned[str(t.index)] is not None]
@@ -522,11 +516,24 @@ def _pretrain(search: _Search, tasks: list[Task], records: list[Any]) -> int:
     return used
 
 
+def _measure_once(run: _Run, search: _Search, runner: Any, mod: Any,
+                  args_info: Any) -> tuple[list[float] | None, str | None, str | None]:
+    """Build ``mod`` and time it once on a board through ``runner``, outside MetaSchedule's loop:
+    (run times, error, board)."""
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    built = search.builder.build([BuilderInput(mod, search.tvm_target)])[0]
+    if built.error_msg:
+        return None, built.error_msg, None
+    ran = runner.run([RunnerInput(built.artifact_path, "cpu", args_info)])[0].result()
+    board = run.progress.board_of.pop(str(built.artifact_path), None)
+    return ran.run_secs, ran.error_msg, board
+
+
 def _replay(seed_best: dict[int, Any], run: _Run, search: _Search) -> int:
     """Measure the seed log's best schedule of each task on this board first (they count as trials)."""
-    from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.database import TuningRecord
-    from tvm.s_tir.meta_schedule.runner import RunnerInput
 
     from ..schedules.store import rebind
 
@@ -543,13 +550,7 @@ def _replay(seed_best: dict[int, Any], run: _Run, search: _Search) -> int:
             logger.debug("seed record does not apply: %s", err)
             run.budget.remaining += 1
             continue
-        built = search.builder.build([BuilderInput(candidate.sch.mod, search.tvm_target)])[0]
-        if built.error_msg:
-            run_secs, error, board = None, built.error_msg, None
-        else:
-            ran = search.runner.run([RunnerInput(built.artifact_path, "cpu", candidate.args_info)])[0].result()
-            board = run.progress.board_of.pop(str(built.artifact_path), None)
-            run_secs, error = ran.run_secs, ran.error_msg
+        run_secs, error, board = _measure_once(run, search, search.runner, candidate.sch.mod, candidate.args_info)
         search.database.commit_tuning_record(TuningRecord(candidate.sch.trace, workload, run_secs, search.tvm_target,
                                                           candidate.args_info))
         latency = None if error else mean_run_secs(run_secs)
