@@ -132,6 +132,7 @@ def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
     try:
         profile = probe.read_profile()
         record = make_record(options, port, profile, board_id(config.rpc_state_dir(store), legacy_store=store))
+        threads = config.use_target_threads(record.cores)  # before any session process is forked
         ort_bench.register()  # ONNX Runtime on the board, for `edgetune bench`
         if options.advertise or options.tracker is None:
             zc = open_zeroconf()
@@ -148,8 +149,8 @@ def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
         if options.advertise:
             advertiser = Advertiser(record, advertised_addresses(options.host), zc)
         on_event(
-            f"board {record.name!r} (id {record.board_id[:8]}, {record.arch}, {record.cpu or '?'} x{record.cores}) "
-            f"serving TVM RPC on {options.host}:{port} as key {options.key!r}"
+            f"board {record.name!r} (id {record.board_id[:8]}, {record.arch}, {record.cpu or '?'} x{record.cores}, "
+            f"{threads or 'default'} runtime threads) serving TVM RPC on {options.host}:{port} as key {options.key!r}"
             + ("" if options.advertise else " (not advertised)")
         )
         if options.open_mode:

@@ -57,6 +57,14 @@ def _flatten(value: Any) -> list[Any]:
     raise AgentError(f"the model returned {type(value).__name__}, not tensors: rebuild the package")
 
 
+def _target_cores(target: dict[str, Any]) -> int:
+    """The ``num-cores`` the package was built for; 0 when it does not say."""
+    try:
+        return max(0, int(target.get("num-cores", 0)))
+    except (TypeError, ValueError):
+        return 0
+
+
 def run_selfcheck(slot: Path, bench_sec: float | None = None) -> SelfCheckResult:
     """Check the package in ``slot`` on this board. Raises :class:`AgentError` on a broken slot or a wrong
     output (the message says which); TVM errors propagate as they are."""
@@ -65,6 +73,7 @@ def run_selfcheck(slot: Path, bench_sec: float | None = None) -> SelfCheckResult
 
     bench_sec = config.SELF_CHECK_BENCH_SEC if bench_sec is None else bench_sec
     manifest = Manifest.from_json((slot / MANIFEST_NAME).read_bytes())
+    config.use_target_threads(_target_cores(manifest.target))  # as the board's agent measured it
     with np.load(slot / manifest.reference.input, allow_pickle=False) as npz:
         missing = [t.name for t in manifest.inputs if t.name not in npz.files]
         if missing:

@@ -33,6 +33,7 @@ def peer_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
     env.pop("EDGETUNE_TRACKER", None)
+    env.pop("TVM_NUM_THREADS", None)  # a board sizes its runtime's thread pool itself
     env.update(extra)
     return env
 

@@ -176,3 +176,19 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     # with -v the traceback is there
     out = run_cli([AGENT, "-v", "serve", "--key", "a:b", "--port", "0", "--store", str(tmp_path)], timeout=60)
     assert out.returncode == 1 and "Traceback" in out.stderr
+
+
+def test_the_board_runs_kernels_on_as_many_threads_as_they_were_compiled_for(peers):
+    """TVM's runtime, left alone, takes half the hardware threads of an x86-64 CPU (it guesses that half are
+    hyper-threads): on a 2-core board without them the tuned model ran on one core while ONNX Runtime used
+    both. The agent's sessions run on the ``num-cores`` of the board's target."""
+    from device_agent import probe
+    from host.tracker.client import request_session
+
+    cores = int(probe.read_profile().target["num-cores"])
+    tracker = peers.tracker()
+    agent = peers.agent("threadkey", "board-threads", f"127.0.0.1:{tracker.port}")
+    wait_registered(tracker.port, "threadkey")
+    session, _ = request_session(("127.0.0.1", tracker.port), "threadkey", 30, time.monotonic() + 30)
+    assert session.get_function("runtime.NumThreads")() == cores
+    assert f"x{cores}, {cores} runtime threads" in agent.log()
