@@ -61,6 +61,7 @@ class TuneOptions:
     scheduler: str = "weighted"  # or "gradient": MetaSchedule's own, with budget / tasks trials per batch
     schedules: str | None = None  # the schedule store (file or postgresql:// URL); None: EDGETUNE_SCHEDULES or default
     use_schedules: bool = True  # False (--no-schedules): neither seed from the store nor add to it
+    cold_weights: bool = False  # time each candidate with its weights and output flushed from the caches
 
 
 @dataclass
@@ -280,6 +281,7 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
         "strategy": options.strategy, "budget": options.trials, "trials_done": done_before,
         "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
         "layout_rewrite": layout_rewrite,
+        "cold_weights": bool(session.get("cold_weights", options.cold_weights) if done_before else options.cold_weights),
     })
     session.setdefault("runs", [])
     _close_killed_runs(session["runs"], earlier, done_before)
@@ -354,6 +356,7 @@ def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
     """MetaSchedule's tune contexts over the log's database, the cost model, the builder and the runner."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig
 
     from .builder import WarmBuilder
     from .intrinsics import cpu_intrinsics_only
@@ -382,7 +385,12 @@ def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
     seeded_from = (str(options.from_log) if options.from_log
                    else f"schedule store {_store_name(run.store)}" if run.seed_records else None)
     cost_info: dict[str, Any] = {"kind": "xgb" if options.strategy == "xgb" else "none", "seeded_from": seeded_from}
-    runner = BoardRunner(options.tracker, options.key, no_board_deadline_sec=options.no_board_deadline_sec,
+    # Cold weights: a kernel in the model finds its weights out of the caches (the model's weights do
+    # not fit), while repeated timing of one kernel keeps them hot; flushing before each timed run
+    # measures it as the model runs it (one run per timing: a second would be hot again).
+    evaluator = (EvaluatorConfig(number=1, repeat=5, min_repeat_ms=0, enable_cpu_cache_flush=True)
+                 if run.session.get("cold_weights") else None)
+    runner = BoardRunner(options.tracker, options.key, evaluator, no_board_deadline_sec=options.no_board_deadline_sec,
                          on_event=emit, board_log=run.progress.board_of)
     return _Search(contexts, weights, cost_model, run.log.database(), tvm.target.Target(run.target),
                    WarmBuilder(run.toolchain), runner, cost_info)
