@@ -61,7 +61,7 @@ class TuneOptions:
     scheduler: str = "weighted"  # or "gradient": MetaSchedule's own, with budget / tasks trials per batch
     schedules: str | None = None  # the schedule store (file or postgresql:// URL); None: EDGETUNE_SCHEDULES or default
     use_schedules: bool = True  # False (--no-schedules): neither seed from the store nor add to it
-    cold_weights: bool = False  # time each candidate with its weights and output flushed from the caches
+    cold_weights: bool = True  # time each candidate with its weights and output flushed from the caches
 
 
 @dataclass
@@ -281,7 +281,8 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
         "strategy": options.strategy, "budget": options.trials, "trials_done": done_before,
         "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
         "layout_rewrite": layout_rewrite,
-        "cold_weights": bool(session.get("cold_weights", options.cold_weights) if done_before else options.cold_weights),
+        # A resumed log keeps how it was timed; one from before this was recorded was timed hot.
+        "cold_weights": bool(session.get("cold_weights", False) if done_before else options.cold_weights),
     })
     session.setdefault("runs", [])
     _close_killed_runs(session["runs"], earlier, done_before)
