@@ -61,7 +61,7 @@ class TuneOptions:
     scheduler: str = "weighted"  # or "gradient": MetaSchedule's own, with budget / tasks trials per batch
     schedules: str | None = None  # the schedule store (file or postgresql:// URL); None: EDGETUNE_SCHEDULES or default
     use_schedules: bool = True  # False (--no-schedules): neither seed from the store nor add to it
-    cold_weights: bool = True  # time each candidate with its weights and output flushed from the caches
+    cold_weights: bool = False  # A/B: time each candidate with its weights and output flushed from the caches
 
 
 @dataclass

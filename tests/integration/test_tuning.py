@@ -107,16 +107,6 @@ def test_untuned_kernels_are_measured_first_and_start_the_curve(cold_log):
     assert all(later <= earlier for earlier, later in zip(ys, ys[1:]))
 
 
-def test_candidates_are_timed_with_their_weights_out_of_the_caches(cold_log):
-    """A kernel in the model finds its weights out of the caches; timed over and over they stay hot, and
-    the model then ran 20-48% slower than its kernels summed. Each candidate is timed in five single runs,
-    each after MetaSchedule's cache flush of every argument but the input, and keeps the fastest three."""
-    assert session_of(cold_log["dir"])["cold_weights"] is True
-    measured = [r for r in records_of(cold_log["dir"]) if r.run_secs]
-    assert measured
-    assert all(len(r.run_secs) == 3 for r in measured)
-
-
 def test_two_agents_under_one_key_both_measure(peers, tmp_path):
     tracker = peers.tracker()
     addr = f"127.0.0.1:{tracker.port}"
