@@ -62,8 +62,11 @@ class BoardFuture(PyRunnerFuture):
         return self.future.result()
 
 
-# With the cache flush before each timed run (see the session's ``cold_weights``), a candidate's
-# result is the fastest three of its runs.
+# Cold weights (a session's ``cold_weights``): a kernel in the model finds its weights out of the caches
+# (the model's weights do not fit), while repeated timing of one kernel keeps them hot. Each timed run is
+# one run after MetaSchedule's cache flush (a second would be hot again); a candidate's result is the
+# fastest three of its five runs.
+COLD_EVALUATOR = EvaluatorConfig(number=1, repeat=5, min_repeat_ms=0, enable_cpu_cache_flush=True)
 COLD_RUNS_KEPT = 3
 
 

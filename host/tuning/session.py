@@ -357,11 +357,10 @@ def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
     """MetaSchedule's tune contexts over the log's database, the cost model, the builder and the runner."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig
 
     from .builder import WarmBuilder
     from .intrinsics import cpu_intrinsics_only
-    from .runner import BoardRunner
+    from .runner import COLD_EVALUATOR, BoardRunner
     from .strategy import Budget, BudgetedStrategy
 
     options = run.options
@@ -386,12 +385,7 @@ def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
     seeded_from = (str(options.from_log) if options.from_log
                    else f"schedule store {_store_name(run.store)}" if run.seed_records else None)
     cost_info: dict[str, Any] = {"kind": "xgb" if options.strategy == "xgb" else "none", "seeded_from": seeded_from}
-    # Cold weights: a kernel in the model finds its weights out of the caches (the model's weights do
-    # not fit), while repeated timing of one kernel keeps them hot; flushing before each timed run
-    # measures it as the model runs it (one run per timing: a second would be hot again).
-    evaluator = (EvaluatorConfig(number=1, repeat=5, min_repeat_ms=0, enable_cpu_cache_flush=True)
-                 if run.session.get("cold_weights") else None)
-    runner = BoardRunner(options.tracker, options.key, evaluator, no_board_deadline_sec=options.no_board_deadline_sec,
+    runner = BoardRunner(options.tracker, options.key, COLD_EVALUATOR if run.session.get("cold_weights") else None, no_board_deadline_sec=options.no_board_deadline_sec,
                          on_event=emit, board_log=run.progress.board_of)
     return _Search(contexts, weights, cost_model, run.log.database(), tvm.target.Target(run.target),
                    WarmBuilder(run.toolchain), runner, cost_info)
