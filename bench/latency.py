@@ -6,7 +6,7 @@ instead, timed on the board itself) and against TVM's default build, all measure
 Prints JSON: per model the p50 of ONNX Runtime, untuned and tuned, the ratios, and the trials and
 minutes the tuning took. The tuning logs are kept (``--logs``, default ``~/.cache/edgetune/bench-logs``)
 under a name of model, trials and variant, so a rerun measures again without tuning again.
-``--no-layout-rewrite``, ``--cold-weights`` and ``--scheduler gradient`` tune the A/B variants of those levers.
+``--no-layout-rewrite``, ``--hot-weights`` and ``--scheduler gradient`` tune the A/B variants of those levers.
 Timings are taken only while nothing else is built: tuning first, then the builds, then the timings.
 """
 
@@ -36,8 +36,8 @@ def variant_name(args) -> str:
     parts = []
     if args.no_layout_rewrite:
         parts.append("nolr")
-    if args.cold_weights:
-        parts.append("cold")
+    if args.hot_weights:
+        parts.append("hot")
     if args.scheduler != "weighted":
         parts.append(args.scheduler)
     if args.seed is not None:
@@ -55,8 +55,8 @@ def main() -> None:
     parser.add_argument("--no-layout-rewrite", action="store_true", help="A/B: tune without weight repacking")
     parser.add_argument("--scheduler", default="weighted", choices=("weighted", "gradient"),
                         help="A/B: MetaSchedule's gradient scheduler with budget/tasks trials per batch")
-    parser.add_argument("--cold-weights", action="store_true",
-                        help="A/B: time candidates with their weights flushed from the caches, as in the model")
+    parser.add_argument("--hot-weights", action="store_true",
+                        help="A/B: time every candidate with its weights in the caches (repeated runs)")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
@@ -77,7 +77,7 @@ def main() -> None:
             result = run_session(TuneOptions(model=model, key=bed["key"], trials=args.trials, log_dir=str(log_dir),
                                              tracker=bed["tracker"], target=target, seed=args.seed,
                                              layout_rewrite=not args.no_layout_rewrite, scheduler=args.scheduler,
-                                             cold_weights=args.cold_weights,
+                                             cold_weights=not args.hot_weights,
                                              # Cold sessions: a store would seed one variant from another.
                                              use_schedules=False))
             tuned_now = time.monotonic() - started

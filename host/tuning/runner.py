@@ -68,6 +68,22 @@ class BoardFuture(PyRunnerFuture):
 # fastest three of its five runs.
 COLD_EVALUATOR = EvaluatorConfig(number=1, repeat=5, min_repeat_ms=0, enable_cpu_cache_flush=True)
 COLD_RUNS_KEPT = 3
+# Only a kernel whose arguments do not fit in a core's L2 (512 KiB on Zen 3, 1 MiB shared on a Pi 4's
+# A72) is timed cold: a small one stays in the caches in the model as well, and a single run of a kernel
+# of microseconds after a flush times the thread pool waking up more than the kernel. The choice is per
+# task (its arguments' shapes), so every candidate of a task is timed the same way.
+COLD_ABOVE_BYTES = 512 * 1024
+
+
+def working_set_bytes(args_info: list) -> int:
+    """Bytes of a kernel's tensor arguments (MetaSchedule ``ArgInfo`` JSON: ["TENSOR", dtype, shape])."""
+    import numpy as np
+
+    total = 0
+    for info in args_info:
+        if isinstance(info, (list, tuple)) and len(info) == 3 and info[0] == "TENSOR":
+            total += int(np.prod([int(d) for d in info[2]], dtype=np.int64)) * np.dtype(str(info[1])).itemsize
+    return total
 
 
 @derived_object
@@ -79,6 +95,7 @@ class BoardRunner(PyRunner):
         tracker: TrackerAddr,
         key: str,
         evaluator_config: EvaluatorConfig | None = None,
+        cold_weights: bool = False,
         session_timeout_sec: float | None = None,
         no_board_deadline_sec: float | None = None,
         on_event: Callable[[dict], None] | None = None,
@@ -90,8 +107,10 @@ class BoardRunner(PyRunner):
         self.tracker = tracker
         self.key = key
         self.evaluator_config = evaluator_config or EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
+        self.cold_weights = cold_weights
         self.session_timeout_sec = config.MEASURE_SESSION_SEC if session_timeout_sec is None else session_timeout_sec
-        self.answer_within_sec = _answer_deadline_sec(self.evaluator_config, self.session_timeout_sec)
+        self.answer_within_sec = max(_answer_deadline_sec(evaluator, self.session_timeout_sec)
+                                     for evaluator in (self.evaluator_config, COLD_EVALUATOR))
         self.no_board_deadline_sec = (config.NO_BOARD_DEADLINE_SEC if no_board_deadline_sec is None
                                       else no_board_deadline_sec)
         self.on_event = on_event or (lambda event: None)
@@ -124,6 +143,13 @@ class BoardRunner(PyRunner):
             return self._pool
 
     # -- measuring -----------------------------------------------------------------------------
+    def evaluator_for(self, args_info: list) -> EvaluatorConfig:
+        """How a kernel with these arguments is timed: cold when the session says so and they do not
+        fit in the caches, else the runner's own evaluator."""
+        if self.cold_weights and working_set_bytes(args_info) > COLD_ABOVE_BYTES:
+            return COLD_EVALUATOR
+        return self.evaluator_config
+
     def run(self, runner_inputs: list[RunnerInput]) -> list[BoardFuture]:
         pool = self._executor()
         return [BoardFuture(pool.submit(self._measure, inp)) for inp in runner_inputs]
@@ -250,9 +276,11 @@ class BoardRunner(PyRunner):
             device = session.device(str(inp.device_type), 0)
             rt_mod = default_upload_module(session, artifact, remote)
             uploaded = True
-            args = default_alloc_argument(session, device, tuple(a.as_json() for a in inp.args_info), 1)
-            costs = [float(c) for c in default_run_evaluator(session, rt_mod, device, self.evaluator_config, args)]
-            if self.evaluator_config.enable_cpu_cache_flush and len(costs) > COLD_RUNS_KEPT:
+            args_info = [a.as_json() for a in inp.args_info]
+            evaluator = self.evaluator_for(args_info)
+            args = default_alloc_argument(session, device, tuple(args_info), 1)
+            costs = [float(c) for c in default_run_evaluator(session, rt_mod, device, evaluator, args)]
+            if evaluator.enable_cpu_cache_flush and len(costs) > COLD_RUNS_KEPT:
                 # Single cold runs of a kernel of microseconds: one of them caught by an interrupt or a
                 # page fault doubles the mean. The fastest few are the kernel's own time.
                 costs = sorted(costs)[:COLD_RUNS_KEPT]

@@ -61,7 +61,9 @@ class TuneOptions:
     scheduler: str = "weighted"  # or "gradient": MetaSchedule's own, with budget / tasks trials per batch
     schedules: str | None = None  # the schedule store (file or postgresql:// URL); None: EDGETUNE_SCHEDULES or default
     use_schedules: bool = True  # False (--no-schedules): neither seed from the store nor add to it
-    cold_weights: bool = False  # A/B: time each candidate with its weights and output flushed from the caches
+    # Time the candidates of kernels too large for the caches with cold caches, as the model runs them
+    # (runner.COLD_ABOVE_BYTES); False times every candidate hot. A resumed log keeps its own.
+    cold_weights: bool = True
 
 
 @dataclass
@@ -360,7 +362,7 @@ def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
 
     from .builder import WarmBuilder
     from .intrinsics import cpu_intrinsics_only
-    from .runner import COLD_EVALUATOR, BoardRunner
+    from .runner import BoardRunner
     from .strategy import Budget, BudgetedStrategy
 
     options = run.options
@@ -385,7 +387,8 @@ def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
     seeded_from = (str(options.from_log) if options.from_log
                    else f"schedule store {_store_name(run.store)}" if run.seed_records else None)
     cost_info: dict[str, Any] = {"kind": "xgb" if options.strategy == "xgb" else "none", "seeded_from": seeded_from}
-    runner = BoardRunner(options.tracker, options.key, COLD_EVALUATOR if run.session.get("cold_weights") else None, no_board_deadline_sec=options.no_board_deadline_sec,
+    runner = BoardRunner(options.tracker, options.key, cold_weights=bool(run.session.get("cold_weights")),
+                         no_board_deadline_sec=options.no_board_deadline_sec,
                          on_event=emit, board_log=run.progress.board_of)
     return _Search(contexts, weights, cost_model, run.log.database(), tvm.target.Target(run.target),
                    WarmBuilder(run.toolchain), runner, cost_info)

@@ -306,6 +306,7 @@ def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_t
 
     session, history = session_of(cold_log["dir"]), history_of(cold_log["dir"])
     assert session["layout_rewrite"] is True
+    assert session["cold_weights"] is True  # a new log times large kernels cold (tiny_cnn has none)
     # ONNX Runtime was timed on the board before the first trial: the latency the session has to beat.
     assert session["baseline"]["onnxruntime_p50_ms"] > 0 and session["baseline"]["board"].startswith("127.0.0.1:")
     assert [e["event"] for e in cold_log["events"]].index("baseline") < [e["event"] for e in cold_log["events"]].index("trials")
