@@ -50,12 +50,14 @@ def trials_to_reach(points: list[tuple[int, float]], latency_ms: float) -> int |
 
 
 def tune(model: str, trials: int, log_dir: Path, bed: dict, target: dict, store: str | None = None) -> dict:
+    from device_agent.probe import read_profile
     from host.logs.tuninglog import TuningLog
     from host.tuning.session import TuneOptions, run_session
 
     started = time.monotonic()
     result = run_session(TuneOptions(model=model_path(model), key=bed["key"], trials=trials, log_dir=str(log_dir),
-                                     tracker=bed["tracker"], target=target, schedules=store,
+                                     tracker=bed["tracker"], target=target, board=read_profile().as_dict(),
+                                     schedules=store,
                                      use_schedules=store is not None))
     session = TuningLog.open(log_dir).session
     return {"model": model, "trials": result.trials_done, "log": str(log_dir),

@@ -13,6 +13,7 @@ kernel does not expose (a phone with SVE disabled, say), so generated code never
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -151,6 +152,7 @@ class BoardProfile:
     memory_mb: int  # MiB, 0 when unknown
     triple: str
     target: dict[str, Any] = field(hash=False)
+    llc_kib: int = 0  # last-level cache of the target's cores in KiB (sysfs cacheinfo), 0 when unknown
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-able copy (lists, not tuples)."""
@@ -338,6 +340,39 @@ def _memory_mb(meminfo: str) -> int:
     return int(match.group(1)) // 1024 if match else 0
 
 
+def _cache_kib(size: str) -> int:
+    """A sysfs cache size ("32768K", "1M", "512K"; bare numbers are bytes) in KiB, 0 when unreadable."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)\s*", size or "")
+    if not match:
+        return 0
+    number, unit = int(match.group(1)), match.group(2)
+    return {"": number // 1024, "K": number, "M": number * 1024, "G": number * 1024 * 1024}[unit]
+
+
+def read_llc_kib(root: str, cpu: int) -> int:
+    """The largest data (or unified) cache of CPU ``cpu`` in KiB, from sysfs cacheinfo under ``root``;
+    0 when the kernel does not describe its caches (many ARM boards without cache nodes in the device tree)."""
+    base = os.path.join(root, f"sys/devices/system/cpu/cpu{cpu}/cache")
+    best = (0, 0)  # (level, KiB)
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        def field_of(name: str) -> str:
+            return _read(os.path.join(base, entry, name)).decode("ascii", errors="replace").strip()
+        if field_of("type") == "Instruction":
+            continue
+        try:
+            level = int(field_of("level") or 0)
+        except ValueError:
+            continue
+        best = max(best, (level, _cache_kib(field_of("size"))))
+    return best[1]
+
+
 def _x86_cpus(procs: list[dict[str, Any]], target: dict[str, Any]) -> tuple[_Clusters, set[int], set[str], str]:
     flags = _hwcaps(procs[0])
     mcpu = _x86_cpu(procs[0], flags)
@@ -457,8 +492,10 @@ def read_profile(root: str = "/") -> BoardProfile:
         # A 32-bit user land (armhf Python, so an armhf TVM runtime) on a 64-bit kernel.
         if _MACHINES.get(machine.lower()) == "aarch64" and struct.calcsize("P") == 4:
             machine = "armv7l"
-    return profile_from_texts(cpuinfo=cpuinfo, meminfo=meminfo, device_tree_model=dt_model,
-                              getprop=getprop, machine=machine)
+    profile = profile_from_texts(cpuinfo=cpuinfo, meminfo=meminfo, device_tree_model=dt_model,
+                                 getprop=getprop, machine=machine)
+    big = profile.big_cores[0] if profile.big_cores else 0
+    return dataclasses.replace(profile, llc_kib=read_llc_kib(root, big))
 
 
 def _cpu_ranges(cpus: tuple[int, ...]) -> str:
@@ -487,6 +524,7 @@ def describe(profile: BoardProfile) -> str:
     lines += [
         f"features: {' '.join(profile.features) or '-'}",
         f"memory:   {f'{profile.memory_mb} MB' if profile.memory_mb else 'unknown'}",
+        f"cache:    {f'{profile.llc_kib} KiB last level' if profile.llc_kib else 'unknown'}",
         f"target:   {json.dumps(profile.target)}",
     ]
     return "\n".join(lines)

@@ -99,6 +99,7 @@ class BoardRecord:
     tvm_version: str = ""
     agent_version: str = ""
     rpc_port: int = 0
+    llc_kib: int = 0  # last-level cache of the target's cores, 0 when unknown (an older agent)
     extra: dict[str, str] = field(default_factory=dict)
 
     # TXT key <- attribute. Short keys keep the record inside one UDP packet.
@@ -117,6 +118,7 @@ class BoardRecord:
         ("tvm", "tvm_version"),
         ("agent", "agent_version"),
         ("port", "rpc_port"),
+        ("llc", "llc_kib"),
     )
 
     def target(self) -> dict[str, Any]:
@@ -162,6 +164,7 @@ class BoardRecord:
         try:
             values["cores"] = int(values["cores"] or 0)
             values["rpc_port"] = int(values["rpc_port"] or 0)
+            values["llc_kib"] = int(values["llc_kib"] or 0)
         except ValueError as err:
             raise AgentError(f"broken edgetune TXT record ({err}): restart the board's agent") from None
         for attr in ("features", "mattr"):

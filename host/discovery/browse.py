@@ -65,7 +65,7 @@ class Board:
             data.update(
                 arch=rec.arch, triple=rec.triple, cpu=rec.cpu, cores=rec.cores, features=list(rec.features),
                 os=rec.os, model=rec.model, tvm_version=rec.tvm_version, agent_version=rec.agent_version,
-                target=rec.target(),
+                llc_kib=rec.llc_kib, target=rec.target(),
             )
         return data
 

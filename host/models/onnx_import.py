@@ -40,6 +40,7 @@ class Model:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     mod: Any = field(repr=False)  # tvm.IRModule
+    weight_bytes: int = 0  # bytes of the model's initializers (its weights), as stored in the file
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "sha256": self.sha256, "path": str(self.path)}
@@ -149,7 +150,23 @@ def load_onnx(model: str | Path, input_shapes: dict[str, tuple[int, ...]] | None
         raise EdgetuneError(f"{path.name}: TVM's ONNX importer failed: {first[:300]}") from None
     # Output shapes come from the imported module when the file leaves them symbolic.
     outputs = _outputs_from_mod(mod, outputs)
-    return Model(name=path.stem, path=path, sha256=file_sha256(path), inputs=inputs, outputs=outputs, mod=mod)
+    return Model(name=path.stem, path=path, sha256=file_sha256(path), inputs=inputs, outputs=outputs, mod=mod,
+                 weight_bytes=_initializer_bytes(graph))
+
+
+def _initializer_bytes(graph) -> int:
+    """Bytes of a graph's initializers: elements x element size (raw data or typed fields alike)."""
+    import numpy as np
+    from onnx import helper
+
+    total = 0
+    for init in graph.initializer:
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 4
+        total += int(np.prod(list(init.dims), dtype=np.int64)) * itemsize
+    return total
 
 
 def _outputs_from_mod(mod, declared: list[TensorSpec]) -> list[TensorSpec]:

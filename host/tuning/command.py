@@ -87,6 +87,11 @@ class _Display:
             click.echo(f"{verb} {event['model']} on key {event['key']!r} ({event['boards']} board(s)): "
                        f"{event['tasks']} tasks, budget {event['budget']} trials, {event['done']} done; "
                        f"log {event['log']}", err=True)
+            cache = f"{event['llc_kib']} KiB" if event.get("llc_kib") else "not known"
+            how = "kernels over 512 KiB timed cold" if event.get("cold_weights") else "kernels timed hot"
+            why = ("as the log was timed" if event["resumed"] else
+                   f"weights {event.get('weight_mb')} MB, the board's last-level cache {cache}")
+            click.echo(f"timing: {how} ({why})", err=True)
         elif kind == "baseline":
             if event.get("onnxruntime_p50_ms") is not None:
                 click.echo(f"ONNX Runtime on board {event['board']}: {event['onnxruntime_p50_ms']:.3f} ms (p50), "

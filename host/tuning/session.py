@@ -284,7 +284,8 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
         "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
         "layout_rewrite": layout_rewrite,
         # A resumed log keeps how it was timed; one from before this was recorded was timed hot.
-        "cold_weights": bool(session.get("cold_weights", False) if done_before else options.cold_weights),
+        "cold_weights": bool(session.get("cold_weights", False) if done_before
+                             else options.cold_weights and weights_leave_the_caches(model.weight_bytes, board)),
     })
     session.setdefault("runs", [])
     _close_killed_runs(session["runs"], earlier, done_before)
@@ -352,7 +353,9 @@ def _open_run(run: _Run, emit: Callable[[Event], None]) -> None:
     run.started = time.monotonic()
     emit({"event": "start", "model": run.model.name, "key": run.options.key, "target": run.target,
           "tasks": len(run.tasks), "budget": run.options.trials, "done": run.done_before, "boards": run.boards,
-          "resumed": run.done_before > 0, "log": str(run.log.path)})
+          "resumed": run.done_before > 0, "log": str(run.log.path), "cold_weights": run.session["cold_weights"],
+          "weight_mb": round(run.model.weight_bytes / 1e6, 1),
+          "llc_kib": int((run.board or {}).get("llc_kib") or 0)})
 
 
 def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
@@ -674,6 +677,15 @@ def resolve_board_target(key: str, timeout: float | None = None) -> tuple[dict[s
     if len(targets) > 1:
         logger.warning("boards of key %r advertise different targets; using %s's", key, records[0].name)
     return records[0].target(), records[0].as_dict()
+
+
+def weights_leave_the_caches(weight_bytes: int, board: dict[str, Any] | None) -> bool:
+    """Whether a model's weights are larger than the board's last-level cache, so that in the model each
+    large kernel fetches its weights from memory (then its candidates are timed cold). A board that does
+    not say its cache (an older agent, a phone, plain TVM RPC) is taken to have a small one, as most
+    boards do (a Raspberry Pi 4 has 1 MiB)."""
+    llc_kib = int((board or {}).get("llc_kib") or 0)
+    return llc_kib <= 0 or weight_bytes > llc_kib * 1024
 
 
 def _check_boards(tracker: TrackerAddr, key: str) -> int:

@@ -182,6 +182,11 @@ def test_only_board_killed_stops_with_deadline_and_intact_log(peers, tmp_path):
     assert "run the same command again to resume" in stderr
     assert "waiting:" in stderr
     assert "Traceback" not in stderr
+    from device_agent.probe import read_llc_kib
+
+    llc_kib = read_llc_kib("/", 0)  # what the agent advertised: tiny_cnn's 0.2 MB fit unless it is unknown
+    assert (f"timing: kernels timed hot (weights 0.2 MB, the board's last-level cache {llc_kib} KiB)" in stderr
+            if llc_kib else "timing: kernels over 512 KiB timed cold (weights 0.2 MB" in stderr), stderr[-3000:]
     session = session_of(log_dir)
     assert session["status"] == "stopped-no-board"
     records = records_of(log_dir)
@@ -306,7 +311,15 @@ def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_t
 
     session, history = session_of(cold_log["dir"]), history_of(cold_log["dir"])
     assert session["layout_rewrite"] is True
-    assert session["cold_weights"] is True  # a new log times large kernels cold (tiny_cnn has none)
+    # Timed cold only when the weights do not fit in the board's last-level cache (the agent says its
+    # size; tiny_cnn's 180 kB fit in any this machine has).
+    from device_agent.probe import read_llc_kib
+
+    llc_kib = read_llc_kib("/", 0)
+    assert session["board"]["llc_kib"] == llc_kib
+    assert session["cold_weights"] is (llc_kib == 0 or 180_008 > llc_kib * 1024)
+    (start,) = [e for e in cold_log["events"] if e["event"] == "start"]
+    assert (start["cold_weights"], start["weight_mb"], start["llc_kib"]) == (session["cold_weights"], 0.2, llc_kib)
     # ONNX Runtime was timed on the board before the first trial: the latency the session has to beat.
     assert session["baseline"]["onnxruntime_p50_ms"] > 0 and session["baseline"]["board"].startswith("127.0.0.1:")
     assert [e["event"] for e in cold_log["events"]].index("baseline") < [e["event"] for e in cold_log["events"]].index("trials")

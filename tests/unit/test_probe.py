@@ -353,3 +353,43 @@ def test_advertised_arm_target_round_trips_through_the_txt_record_and_host_resol
     again = BoardRecord.from_txt({k.encode(): v.encode() for k, v in record.to_txt().items()})
     assert again.target() == profile.target
     assert len({target_to_json(r.target()) for r in (record, again)}) == 1
+
+
+# ---- caches --------------------------------------------------------------------------------------
+
+def _cache_tree(root, cpu: int, entries: list[tuple[int, str, str]]) -> None:
+    for i, (level, kind, size) in enumerate(entries):
+        d = root / f"sys/devices/system/cpu/cpu{cpu}/cache/index{i}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+
+
+def test_last_level_cache_from_sysfs(tmp_path):
+    # Zen 3 (this machine's shape): L1d/L1i 32K, L2 512K, L3 32768K shared.
+    _cache_tree(tmp_path, 0, [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "512K"),
+                              (3, "Unified", "32768K")])
+    # A Pi 4's A72 cluster: L2 1M is the last level; a larger instruction cache never counts.
+    _cache_tree(tmp_path, 2, [(1, "Data", "32K"), (1, "Instruction", "48K"), (2, "Unified", "1M")])
+    _cache_tree(tmp_path, 3, [(1, "Instruction", "4096K")])
+    assert probe.read_llc_kib(str(tmp_path), 0) == 32768
+    assert probe.read_llc_kib(str(tmp_path), 2) == 1024
+    assert probe.read_llc_kib(str(tmp_path), 3) == 0
+    assert probe.read_llc_kib(str(tmp_path), 1) == 0  # the kernel does not describe its caches
+
+
+def test_read_profile_reports_the_target_cores_cache(tmp_path):
+    root = _board_root(tmp_path, text("rpi3bplus-64/cpuinfo"), "proc/device-tree/model", b"Pi\x00")
+    assert probe.read_profile(str(root)).llc_kib == 0
+    _cache_tree(root, 0, [(1, "Data", "32K"), (2, "Unified", "512K")])
+    p = probe.read_profile(str(root))
+    assert p.llc_kib == 512 and "cache:    512 KiB last level" in probe.describe(p)
+
+
+def test_the_cache_size_survives_the_txt_record():
+    record = BoardRecord(board_id="0" * 32, name="board", key="key", arch="aarch64", triple="aarch64-linux-gnu",
+                         cpu="cortex-a72", cores=4, llc_kib=1024)
+    assert BoardRecord.from_txt(record.to_txt()).llc_kib == 1024
+    older = {k: v for k, v in record.to_txt().items() if k != "llc"}  # an agent from before it said so
+    assert BoardRecord.from_txt(older).llc_kib == 0
