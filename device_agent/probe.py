@@ -359,18 +359,17 @@ def read_llc_kib(root: str, cpu: int) -> int:
     except OSError:
         return 0
     for entry in entries:
-        if not entry.startswith("index"):
+        index = os.path.join(base, entry)
+        if not entry.startswith("index") or _sysfs_text(index, "type") == "Instruction":
             continue
-        def field_of(name: str) -> str:
-            return _read(os.path.join(base, entry, name)).decode("ascii", errors="replace").strip()
-        if field_of("type") == "Instruction":
-            continue
-        try:
-            level = int(field_of("level") or 0)
-        except ValueError:
-            continue
-        best = max(best, (level, _cache_kib(field_of("size"))))
+        level = _sysfs_text(index, "level")
+        if level.isdigit():
+            best = max(best, (int(level), _cache_kib(_sysfs_text(index, "size"))))
     return best[1]
+
+
+def _sysfs_text(folder: str, name: str) -> str:
+    return _read(os.path.join(folder, name)).decode("ascii", errors="replace").strip()
 
 
 def _x86_cpus(procs: list[dict[str, Any]], target: dict[str, Any]) -> tuple[_Clusters, set[int], set[str], str]:

@@ -88,7 +88,10 @@ class _Display:
                        f"{event['tasks']} tasks, budget {event['budget']} trials, {event['done']} done; "
                        f"log {event['log']}", err=True)
             cache = f"{event['llc_kib']} KiB" if event.get("llc_kib") else "not known"
-            how = "kernels over 512 KiB timed cold" if event.get("cold_weights") else "kernels timed hot"
+            from .runner import COLD_ABOVE_BYTES
+
+            how = (f"kernels over {COLD_ABOVE_BYTES // 1024} KiB timed cold" if event.get("cold_weights")
+                   else "kernels timed hot")
             why = ("as the log was timed" if event["resumed"] else
                    f"weights {event.get('weight_mb')} MB, the board's last-level cache {cache}")
             click.echo(f"timing: {how} ({why})", err=True)
