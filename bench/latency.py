@@ -76,7 +76,8 @@ def main() -> None:
             log_dir = Path(args.logs) / f"{Path(model).stem}-{args.trials}-{variant_name(args)}"
             started = time.monotonic()
             result = run_session(TuneOptions(model=model, key=bed["key"], trials=args.trials, log_dir=str(log_dir),
-                                             tracker=bed["tracker"], target=target, board=profile.as_dict(), seed=args.seed,
+                                             tracker=bed["tracker"], target=target, board=profile.as_dict(),
+                                             seed=args.seed,
                                              layout_rewrite=not args.no_layout_rewrite, scheduler=args.scheduler,
                                              cold_weights=not args.hot_weights,
                                              # Cold sessions: a store would seed one variant from another.

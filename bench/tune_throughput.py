@@ -51,9 +51,10 @@ def edgetune(model_name: str, trials: int, tracker, key: str, work) -> dict:
     from device_agent.probe import read_profile
     from host.tuning.session import TuneOptions, run_session
 
+    profile = read_profile()
     start = time.monotonic()
     result = run_session(TuneOptions(model=model_name, key=key, trials=trials, log_dir=str(work / "edgetune"),
-                                     tracker=tracker, target=read_profile().target, board=read_profile().as_dict(),
+                                     tracker=tracker, target=profile.target, board=profile.as_dict(),
                                      use_schedules=False))  # cold, as stock is
     elapsed = time.monotonic() - start
     ok = sum(t.trials - t.failed for t in result.tasks)
