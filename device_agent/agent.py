@@ -103,7 +103,7 @@ def make_record(options: ServeOptions, rpc_port: int, profile, board: str) -> Bo
         tvm_version=str(tvm.__version__),
         agent_version=__version__,
         rpc_port=rpc_port,
-        llc_kib=int(getattr(profile, "llc_kib", 0) or 0),
+        llc_kib=profile.llc_kib,
         extra={TXT_AUTH: AUTH_OPEN if options.open_mode else AUTH_TEAM},
     )
 

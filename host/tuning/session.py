@@ -355,7 +355,7 @@ def _open_run(run: _Run, emit: Callable[[Event], None]) -> None:
           "tasks": len(run.tasks), "budget": run.options.trials, "done": run.done_before, "boards": run.boards,
           "resumed": run.done_before > 0, "log": str(run.log.path), "cold_weights": run.session["cold_weights"],
           "weight_mb": round(run.model.weight_bytes / 1e6, 1),
-          "llc_kib": int((run.board or {}).get("llc_kib") or 0)})
+          "llc_kib": board_llc_kib(run.board)})
 
 
 def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
@@ -679,12 +679,17 @@ def resolve_board_target(key: str, timeout: float | None = None) -> tuple[dict[s
     return records[0].target(), records[0].as_dict()
 
 
+def board_llc_kib(board: dict[str, Any] | None) -> int:
+    """The last-level cache a board profile says its target cores have, in KiB; 0 when it does not say."""
+    return int((board or {}).get("llc_kib") or 0)
+
+
 def weights_leave_the_caches(weight_bytes: int, board: dict[str, Any] | None) -> bool:
     """Whether a model's weights are larger than the board's last-level cache, so that in the model each
     large kernel fetches its weights from memory (then its candidates are timed cold). A board that does
     not say its cache (an older agent, a phone, plain TVM RPC) is taken to have a small one, as most
     boards do (a Raspberry Pi 4 has 1 MiB)."""
-    llc_kib = int((board or {}).get("llc_kib") or 0)
+    llc_kib = board_llc_kib(board)
     return llc_kib <= 0 or weight_bytes > llc_kib * 1024
 
 

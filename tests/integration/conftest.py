@@ -39,6 +39,21 @@ def tune_cli(tracker: str, key: str, log_dir: Path, trials: int, *extra: str, mo
                     "--tracker", tracker, "--seed", "1", *extra], timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def warm_builder():
+    """A warm one-worker builder for this machine's target, for tests that build candidates by hand."""
+    from host.toolchain import toolchain_for
+    from host.tuning.builder import WarmBuilder
+    from tests.conftest import HOST_TARGET
+
+    builder = WarmBuilder(toolchain_for(HOST_TARGET), max_workers=1)
+    try:
+        builder.warm_up()
+        yield builder
+    finally:
+        builder.shutdown()
+
+
 @pytest.fixture(scope="session")
 def cold_log(tuning_bed):
     """A finished 16-trial session of tiny_cnn on the shared agent."""

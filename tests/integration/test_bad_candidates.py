@@ -55,20 +55,15 @@ def _funcs():
 
 
 @pytest.fixture(scope="module")
-def tools(tuning_bed):
-    from host.toolchain import toolchain_for
-    from host.tuning.builder import WarmBuilder
+def tools(tuning_bed, warm_builder):
     from host.tuning.runner import BoardRunner
 
-    builder = WarmBuilder(toolchain_for(HOST_TARGET), max_workers=1)
     runner = BoardRunner(("127.0.0.1", tuning_bed["tracker_port"]), tuning_bed["key"],
                          session_timeout_sec=10, no_board_deadline_sec=60)
     try:
-        builder.warm_up()
-        yield builder, runner
+        yield warm_builder, runner
     finally:
         runner.shutdown()
-        builder.shutdown()
 
 
 def _build(builder, name):

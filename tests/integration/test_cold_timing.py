@@ -3,8 +3,6 @@ cache flush) for a kernel whose arguments do not fit in the caches, when the ses
 
 from __future__ import annotations
 
-import pytest
-
 from tests.conftest import HOST_TARGET
 
 SMALL = 64  # floats: 256 bytes
@@ -21,19 +19,6 @@ def _add_one(n: int):
             B[i] = A[i] + T.float32(1)
 
     return add_one
-
-
-@pytest.fixture(scope="module")
-def builder():
-    from host.toolchain import toolchain_for
-    from host.tuning.builder import WarmBuilder
-
-    warm = WarmBuilder(toolchain_for(HOST_TARGET), max_workers=1)
-    try:
-        warm.warm_up()
-        yield warm
-    finally:
-        warm.shutdown()
 
 
 def _runner(tuning_bed, cold_weights: bool):
@@ -58,14 +43,14 @@ def _timed_runs(builder, runner, n: int) -> list[float]:
     return [float(s) for s in result.run_secs]
 
 
-def test_cold_session_times_large_kernels_cold_and_small_ones_hot(tuning_bed, builder):
+def test_cold_session_times_large_kernels_cold_and_small_ones_hot(tuning_bed, warm_builder):
     from host.tuning.runner import COLD_ABOVE_BYTES, COLD_RUNS_KEPT
 
     assert SMALL * 4 * 2 < COLD_ABOVE_BYTES < LARGE * 4 * 2
     runner = _runner(tuning_bed, cold_weights=True)
     try:
-        large = _timed_runs(builder, runner, LARGE)
-        small = _timed_runs(builder, runner, SMALL)
+        large = _timed_runs(warm_builder, runner, LARGE)
+        small = _timed_runs(warm_builder, runner, SMALL)
     finally:
         runner.shutdown()
     # Cold: five single runs after a flush, the fastest three kept, fastest first.
@@ -74,10 +59,10 @@ def test_cold_session_times_large_kernels_cold_and_small_ones_hot(tuning_bed, bu
     assert len(small) == 1 and 0 < small[0] < 1.0
 
 
-def test_hot_session_times_every_kernel_hot(tuning_bed, builder):
+def test_hot_session_times_every_kernel_hot(tuning_bed, warm_builder):
     runner = _runner(tuning_bed, cold_weights=False)
     try:
-        large = _timed_runs(builder, runner, LARGE)
+        large = _timed_runs(warm_builder, runner, LARGE)
     finally:
         runner.shutdown()
     assert len(large) == 1 and 0 < large[0] < 1.0
