@@ -87,7 +87,7 @@ class _Display:
             click.echo(f"{verb} {event['model']} on key {event['key']!r} ({event['boards']} board(s)): "
                        f"{event['tasks']} tasks, budget {event['budget']} trials, {event['done']} done; "
                        f"log {event['log']}", err=True)
-            from .runner import COLD_ABOVE_BYTES
+            from .timing import COLD_ABOVE_BYTES
 
             cache = f"{event['llc_kib']} KiB" if event.get("llc_kib") else "not known"
             how = (f"kernels over {COLD_ABOVE_BYTES // 1024} KiB timed cold" if event.get("cold_weights")

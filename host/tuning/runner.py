@@ -38,6 +38,8 @@ from ..errors import EdgetuneError, NoBoardError, TrackerUnreachable
 from ..tracker.client import (BoardSession, BoardSilent, TrackerAddr, TrackerNotTrusted, open_board_session,
                               servers_of_key, tracker_summary)
 
+from .timing import COLD, kernel_timing
+
 logger = logging.getLogger(__name__)
 
 # How many boards a candidate may be tried on when boards drop the session (not the candidate's fault).
@@ -65,25 +67,9 @@ class BoardFuture(PyRunnerFuture):
 # Cold weights (a session's ``cold_weights``): a kernel in the model finds its weights out of the caches
 # (the model's weights do not fit), while repeated timing of one kernel keeps them hot. Each timed run is
 # one run after MetaSchedule's cache flush (a second would be hot again); a candidate's result is the
-# fastest three of its five runs.
+# fastest three of its five runs. Which kernels are timed so is :func:`timing.kernel_timing`'s rule.
 COLD_EVALUATOR = EvaluatorConfig(number=1, repeat=5, min_repeat_ms=0, enable_cpu_cache_flush=True)
 COLD_RUNS_KEPT = 3
-# Only a kernel whose arguments do not fit in a core's L2 (512 KiB on Zen 3, 1 MiB shared on a Pi 4's
-# A72) is timed cold: a small one stays in the caches in the model as well, and a single run of a kernel
-# of microseconds after a flush times the thread pool waking up more than the kernel. The choice is per
-# task (its arguments' shapes), so every candidate of a task is timed the same way.
-COLD_ABOVE_BYTES = 512 * 1024
-
-
-def working_set_bytes(args_info: list) -> int:
-    """Bytes of a kernel's tensor arguments (MetaSchedule ``ArgInfo`` JSON: ["TENSOR", dtype, shape])."""
-    import numpy as np
-
-    total = 0
-    for info in args_info:
-        if isinstance(info, (list, tuple)) and len(info) == 3 and info[0] == "TENSOR":
-            total += int(np.prod([int(d) for d in info[2]], dtype=np.int64)) * np.dtype(str(info[1])).itemsize
-    return total
 
 
 @derived_object
@@ -146,7 +132,7 @@ class BoardRunner(PyRunner):
     def evaluator_for(self, args_info: list) -> EvaluatorConfig:
         """How a kernel with these arguments is timed: cold when the session says so and they do not
         fit in the caches, else the runner's own evaluator."""
-        if self.cold_weights and working_set_bytes(args_info) > COLD_ABOVE_BYTES:
+        if kernel_timing(self.cold_weights, args_info) == COLD:
             return COLD_EVALUATOR
         return self.evaluator_config
 

@@ -44,7 +44,8 @@ def _timed_runs(builder, runner, n: int) -> list[float]:
 
 
 def test_cold_session_times_large_kernels_cold_and_small_ones_hot(tuning_bed, warm_builder):
-    from host.tuning.runner import COLD_ABOVE_BYTES, COLD_RUNS_KEPT
+    from host.tuning.runner import COLD_RUNS_KEPT
+    from host.tuning.timing import COLD_ABOVE_BYTES
 
     assert SMALL * 4 * 2 < COLD_ABOVE_BYTES < LARGE * 4 * 2
     runner = _runner(tuning_bed, cold_weights=True)
@@ -69,7 +70,7 @@ def test_hot_session_times_every_kernel_hot(tuning_bed, warm_builder):
 
 
 def test_working_set_counts_every_tensor_argument():
-    from host.tuning.runner import working_set_bytes
+    from host.tuning.timing import working_set_bytes
 
     assert working_set_bytes([["TENSOR", "float32", [1, 64, 56, 56]], ["TENSOR", "float32", [64, 64, 3, 3]],
                               ["TENSOR", "int8", [10]]]) == 4 * 64 * 56 * 56 + 4 * 64 * 64 * 9 + 10

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def test_large_kernels_are_timed_cold_when_the_weights_leave_the_caches():
-    from host.tuning.session import weights_leave_the_caches
+    from host.tuning.timing import weights_leave_the_caches
 
     mib = 1024 * 1024
     zen3 = {"llc_kib": 32 * 1024}
