@@ -31,3 +31,12 @@ def retargeted(tmp_path: Path, target: dict, scale: float = 1.0, source: Path = 
         lines.append(json.dumps([index, record]))
     (out / RECORD_FILE).write_text("\n".join(lines) + "\n")
     return out
+
+
+def timed_cold(tmp_path: Path, scale: float) -> Path:
+    """The small fixture as a session timing ``cold_weights`` wrote it: the same workloads and traces, its
+    times ``scale`` times the hot ones (a kernel run after a cache flush is slower)."""
+    out = retargeted(tmp_path, json.loads((SMALL / "session.json").read_text())["target"], scale)
+    session = json.loads((SMALL / "session.json").read_text())
+    (out / "session.json").write_text(json.dumps({**session, "cold_weights": True}))
+    return out

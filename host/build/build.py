@@ -37,6 +37,7 @@ from ..logs.tuninglog import TuningLog, write_json_atomic
 from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
 from ..tuning.tasks import Task, compile_tuned, extract_tasks, log_layout_rewrite
+from ..tuning.timing import weights_leave_the_caches
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +200,12 @@ def flatten_outputs(out) -> list[np.ndarray]:
     return [o.numpy() for o in out]
 
 
-def _from_store(tasks: list[Task], target: dict[str, Any], schedules: str | None, use_schedules: bool):
-    """A MemoryDatabase with the schedule store's best record of each of ``tasks`` on ``target``'s CPU class,
-    and the names of the tasks it covers. Empty without a store (or when it cannot be opened: the build
-    then uses default schedules, and says why)."""
+def _from_store(tasks: list[Task], target: dict[str, Any], schedules: str | None, use_schedules: bool,
+                cold_weights: bool = True):
+    """A MemoryDatabase with the schedule store's best record of each of ``tasks`` on ``target``'s CPU class
+    (of the records timed as a session timing ``cold_weights`` would, when there are any), and the names of
+    the tasks it covers. Empty without a store (or when it cannot be opened: the build then uses default
+    schedules, and says why)."""
     from tvm.s_tir import meta_schedule as ms
 
     from ..schedules.store import ScheduleStore, ScheduleStoreError, retarget, sessions_use_store
@@ -218,7 +221,7 @@ def _from_store(tasks: list[Task], target: dict[str, Any], schedules: str | None
     with store:
         for task in tasks:
             mod = task.extracted.dispatched[0]
-            best = store.best_record(target, mod)
+            best = store.best_record(target, mod, cold_weights)
             if best is None:
                 continue
             workload = db.commit_workload(mod)
@@ -274,7 +277,10 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
     coverage = task_coverage(tuned_db, tasks)
     tuned = sum(1 for c in coverage if c.tuned)
     untuned = [t for t, c in zip(tasks, coverage) if not c.tuned]
-    stored, from_store = _from_store(untuned, target, schedules, use_schedules)
+    # The store's records are ranked among those timed as this model's session would time them.
+    cold_weights = (bool(log.session.get("cold_weights")) if log is not None and log.record_count()
+                    else weights_leave_the_caches(model.weight_bytes, board))
+    stored, from_store = _from_store(untuned, target, schedules, use_schedules, cold_weights)
     say(f"{tuned} of {len(tasks)} tasks tuned in the log"
         + (f", {len(from_store)} from the schedule store" if from_store else "") + "; default schedules for the rest")
     fallback = fallback_database([t for t in untuned if t.name not in from_store], tvm_target)

@@ -78,8 +78,13 @@ def show(cpu_class: str, location: str | None, as_json: bool) -> None:
                             f"{', '.join(known) or 'none (the store is empty)'}")
 
     def render(rows) -> str:
-        return table([[w.name or "-", w.shash, w.records, f"{w.best_us:.1f}" if w.best_us is not None else "-"]
-                      for w in rows], ["TASK", "WORKLOAD HASH", "RECORDS", "BEST us"])
+        def us(value: float | None) -> str:
+            return f"{value:.1f}" if value is not None else "-"
+
+        # Hot: timed with the kernel's data in the caches; cold: after a cache flush, as a kernel whose
+        # weights come from memory runs in the model (the two do not compare).
+        return table([[w.name or "-", w.shash, w.records, us(w.best_hot_us), us(w.best_cold_us)] for w in rows],
+                     ["TASK", "WORKLOAD HASH", "RECORDS", "BEST HOT us", "BEST COLD us"])
 
     emit(best, as_json, render)
 

@@ -12,14 +12,17 @@ one CPU class never returns another CPU's schedule as if it were its own (apache
 Tables::
 
     workloads(digest PK, shash, name, mod)  one row per workload IRModule (MetaSchedule's JSON of it)
-    records(fingerprint PK, digest, cpu_class, record, mean_us, source, created)
-                                            one row per distinct schedule of a workload on a CPU class;
-                                            ``record`` is the stock TuningRecord JSON, ``mean_us`` NULL
-                                            when the trial failed
+    records(fingerprint PK, digest, cpu_class, record, mean_us, source, created, timing)
+                                            one row per distinct schedule of a workload on a CPU class
+                                            and way of timing; ``record`` is the stock TuningRecord JSON,
+                                            ``mean_us`` NULL when the trial failed, ``timing`` ``hot`` or
+                                            ``cold`` (:mod:`host.tuning.timing`)
 
-A record's fingerprint is the hash of its workload, CPU class and trace: measuring one schedule again, on
-this workstation or another, adds nothing (``ON CONFLICT DO NOTHING``), so concurrent writers neither lose
-nor duplicate records.
+A record's fingerprint is the hash of its workload, CPU class, trace and timing: measuring one schedule
+again the same way, on this workstation or another, adds nothing (``ON CONFLICT DO NOTHING``), so
+concurrent writers neither lose nor duplicate records. A hot and a cold time of one schedule are two
+records: they do not compare, and a session is seeded only with records timed as it times (a store of
+schema 1, from before cold timing, held hot times only: its rows read as hot).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from ..errors import EdgetuneError
 from ..logs.format import (RECORD_FILE, SESSION_FILE, WORKLOAD_FILE, TuningLogError, database_key, mean_run_secs,
                            read_database_rows, read_session)
+from ..tuning.timing import COLD, HOT, kernel_timing
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +58,9 @@ SEED_PER_WORKLOAD = 64
 SEED_LIMIT = 3000
 # A writer holding SQLite's lock (another session committing a batch) is waited for this long.
 SQLITE_BUSY_SEC = 30.0
-# The schema this edgetune writes; a store made by a newer one is refused rather than misread.
-SCHEMA_VERSION = 1
+# The schema this edgetune writes; a store made by a newer one is refused rather than misread, an older
+# one is brought up to date when opened (schema 1 had no ``timing``: its records were all timed hot).
+SCHEMA_VERSION = 2
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -63,9 +68,12 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS workloads_shash ON workloads (shash)",
     "CREATE TABLE IF NOT EXISTS records (fingerprint TEXT PRIMARY KEY, digest TEXT NOT NULL, "
     "cpu_class TEXT NOT NULL, record TEXT NOT NULL, mean_us DOUBLE PRECISION, source TEXT NOT NULL, "
-    "created TEXT NOT NULL)",
+    "created TEXT NOT NULL, timing TEXT NOT NULL DEFAULT 'hot')",
     "CREATE INDEX IF NOT EXISTS records_class_digest ON records (cpu_class, digest, mean_us)",
 )
+# Schema 1 -> 2: how each record was timed.
+_MIGRATE_1_TO_2 = "ALTER TABLE records ADD COLUMN timing TEXT NOT NULL DEFAULT 'hot'"
+
 
 
 class ScheduleStoreError(EdgetuneError):
@@ -205,9 +213,11 @@ def _digest(mod_json: str) -> str:
     return hashlib.sha256(mod_json.encode()).hexdigest()[:32]
 
 
-def _fingerprint(digest: str, klass: str, record: list[Any]) -> str:
+def _fingerprint(digest: str, klass: str, record: list[Any], timing: str = HOT) -> str:
     trace = json.dumps(record[0], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{digest}\n{klass}\n{trace}".encode()).hexdigest()[:40]
+    # A hot record keeps schema 1's fingerprint, so importing an old log again still adds nothing.
+    text = f"{digest}\n{klass}\n{trace}" + ("" if timing == HOT else f"\n{timing}")
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
 def _now() -> str:
@@ -247,18 +257,22 @@ class _Sql:
         self._create()
 
     def _create(self) -> None:
-        with self.transaction():
+        # Two workstations creating (or upgrading) the schema at once: one at a time (PostgreSQL's
+        # advisory lock, SQLite's write lock taken up front).
+        with self.transaction(immediate=True):
             if self.postgres:
-                # Two workstations creating the schema at once: one at a time.
                 self.execute("SELECT pg_advisory_xact_lock(7412031)")
             for statement in _SCHEMA:
                 self.execute(statement)
             self.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
                          ("schema", str(SCHEMA_VERSION)))
-        version = self.query("SELECT value FROM meta WHERE name = ?", ("schema",))
-        if version and int(version[0][0]) > SCHEMA_VERSION:
+            version = int(self.query("SELECT value FROM meta WHERE name = ?", ("schema",))[0][0])
+            if version == 1:
+                self.execute(_MIGRATE_1_TO_2)
+                self.execute("UPDATE meta SET value = ? WHERE name = ?", (str(SCHEMA_VERSION), "schema"))
+        if version > SCHEMA_VERSION:
             raise ScheduleStoreError(
-                f"the schedule store {redact(self.location)} was made by a newer edgetune (schema {version[0][0]}): "
+                f"the schedule store {redact(self.location)} was made by a newer edgetune (schema {version}): "
                 "upgrade edgetune")
 
     def _sql(self, statement: str) -> str:
@@ -274,8 +288,9 @@ class _Sql:
         with self._lock:
             return list(self._conn.execute(self._sql(statement), tuple(params)).fetchall())
 
-    def transaction(self):
-        return _Transaction(self)
+    def transaction(self, immediate: bool = False):
+        """``immediate``: take SQLite's write lock at the start (a read-then-write transaction)."""
+        return _Transaction(self, immediate and not self.postgres)
 
     def close(self) -> None:
         with self._lock:
@@ -283,11 +298,12 @@ class _Sql:
 
 
 class _Transaction:
-    def __init__(self, sql: _Sql) -> None:
+    def __init__(self, sql: _Sql, immediate: bool = False) -> None:
         self.sql = sql
+        self.immediate = immediate
 
     def __enter__(self) -> None:
-        self.sql.execute("BEGIN")
+        self.sql.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
 
     def __exit__(self, kind, value, trace) -> None:
         self.sql.execute("COMMIT" if kind is None else "ROLLBACK")
@@ -314,14 +330,19 @@ def redact(location: str) -> str:
 
 @dataclass(frozen=True)
 class StoredRecord:
-    """One measured schedule: its workload (``digest``), CPU class, the stock TuningRecord JSON and its
-    mean run time in µs (None: the trial failed)."""
+    """One measured schedule: its workload (``digest``), CPU class, the stock TuningRecord JSON, its
+    mean run time in µs (None: the trial failed), and how it was timed (``hot`` or ``cold``)."""
 
     digest: str
     cpu_class: str
     record: list[Any]
     mean_us: float | None
     source: str
+    timing: str = HOT
+
+    @property
+    def args_info(self) -> list[Any]:
+        return self.record[3] if len(self.record) > 3 else []
 
 
 @dataclass
@@ -337,13 +358,16 @@ class ClassSummary:
 
 @dataclass
 class WorkloadBest:
-    """The best schedule of one workload on one CPU class (``schedules show``)."""
+    """The best schedule of one workload on one CPU class (``schedules show``): fastest of all, and fastest
+    of each timing (a hot time is not comparable with a cold one)."""
 
     digest: str
     shash: str
     name: str | None
     records: int
     best_us: float | None
+    best_hot_us: float | None = None
+    best_cold_us: float | None = None
 
 
 @dataclass
@@ -410,22 +434,24 @@ class ScheduleStore:
         with self._sql.transaction():
             for r in records:
                 added += self._sql.execute(
-                    "INSERT INTO records (fingerprint, digest, cpu_class, record, mean_us, source, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (_fingerprint(r.digest, r.cpu_class, r.record), r.digest, r.cpu_class,
-                     json.dumps(r.record, separators=(",", ":")), r.mean_us, r.source, _now()))
+                    "INSERT INTO records (fingerprint, digest, cpu_class, record, mean_us, source, created, timing) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (_fingerprint(r.digest, r.cpu_class, r.record, r.timing), r.digest, r.cpu_class,
+                     json.dumps(r.record, separators=(",", ":")), r.mean_us, r.source, _now(), r.timing))
         return added
 
     def import_log(self, folder: str | Path, source: str | None = None) -> ImportResult:
         """Add every record of a MetaSchedule JSON database folder (an edgetune tuning log or a stock
-        ``tune_tasks`` work dir). Each record's CPU class comes from the target it names. Raises
+        ``tune_tasks`` work dir). Each record's CPU class comes from the target it names, how it was timed
+        from the log's session (a stock work dir, or a log from before cold timing, timed hot). Raises
         :class:`ScheduleStoreError` when the folder holds no database or a line is damaged."""
         folder = Path(folder)
         try:
             workload_rows, record_rows = read_database_rows(folder)
         except TuningLogError as err:
             raise ScheduleStoreError(str(err)) from None
-        names = _task_names(folder)
+        session = _session_of(folder)
+        names, cold_weights = _task_names(session), bool(session.get("cold_weights"))
         digests: list[str | None] = []
         for row in workload_rows:
             key = isinstance(row, list) and len(row) == 2 and isinstance(row[1], str) and database_key(row[0])
@@ -437,7 +463,8 @@ class ScheduleStore:
                 continue
             klass = cpu_class(record[2])
             classes.add(klass)
-            stored.append(StoredRecord(digests[index], klass, record, _mean_us(record[1]), source))
+            timing = kernel_timing(cold_weights, record[3] if len(record) > 3 else [])
+            stored.append(StoredRecord(digests[index], klass, record, _mean_us(record[1]), source, timing))
         added = self.add_records(stored)
         return ImportResult(source, sum(d is not None for d in digests), len(stored), added, sorted(classes))
 
@@ -452,16 +479,26 @@ class ScheduleStore:
     def best_by_workload(self, klass: str) -> list[WorkloadBest]:
         """Each workload the class has records of, with its best time (µs), fastest first."""
         rows = self._sql.query(
-            "SELECT r.digest, w.shash, COUNT(*), MIN(r.mean_us) FROM records r JOIN workloads w "
-            "ON w.digest = r.digest WHERE r.cpu_class = ? GROUP BY r.digest, w.shash", (klass,))
-        result = [WorkloadBest(str(d), str(s), self._name(str(d)), int(n), float(b) if b is not None else None)
-                  for d, s, n, b in rows]
+            "SELECT r.digest, w.shash, COUNT(*), MIN(r.mean_us), "
+            f"MIN(CASE WHEN r.timing = '{HOT}' THEN r.mean_us END), MIN(CASE WHEN r.timing = '{COLD}' THEN r.mean_us END) "
+            "FROM records r JOIN workloads w ON w.digest = r.digest WHERE r.cpu_class = ? GROUP BY r.digest, w.shash",
+            (klass,))
+
+        def us(value: Any) -> float | None:
+            return float(value) if value is not None else None
+
+        result = [WorkloadBest(str(d), str(s), self._name(str(d)), int(n), us(b), us(hot), us(cold))
+                  for d, s, n, b, hot, cold in rows]
         return sorted(result, key=lambda w: (w.best_us is None, w.best_us or 0.0))
 
     def records(self, klass: str, digests: Sequence[str] | None = None, measured_only: bool = False,
-                limit: int | None = None) -> list[StoredRecord]:
-        """The records of a CPU class (of the workloads ``digests``), fastest first, failed ones last."""
+                limit: int | None = None, timing: str | None = None) -> list[StoredRecord]:
+        """The records of a CPU class (of the workloads ``digests``, timed ``timing``), fastest first, failed
+        ones last."""
         where, params = ["cpu_class = ?"], [klass]
+        if timing is not None:
+            where.append("timing = ?")
+            params.append(timing)
         if digests is not None:
             if not digests:
                 return []
@@ -469,12 +506,24 @@ class ScheduleStore:
             params.extend(digests)
         if measured_only:
             where.append("mean_us IS NOT NULL")
-        statement = (f"SELECT digest, cpu_class, record, mean_us, source FROM records WHERE {' AND '.join(where)} "
+        statement = (f"SELECT digest, cpu_class, record, mean_us, source, timing FROM records "
+                     f"WHERE {' AND '.join(where)} "
                      "ORDER BY CASE WHEN mean_us IS NULL THEN 1 ELSE 0 END, mean_us, fingerprint")
         if limit is not None:
             statement += f" LIMIT {int(limit)}"
-        return [StoredRecord(str(d), str(c), json.loads(r), m, str(s))
-                for d, c, r, m, s in self._sql.query(statement, params)]
+        return [StoredRecord(str(d), str(c), json.loads(r), m, str(s), str(t))
+                for d, c, r, m, s, t in self._sql.query(statement, params)]
+
+    def best_records(self, klass: str, digests: Sequence[str], cold_weights: bool, limit: int) -> list[StoredRecord]:
+        """The fastest measured records of the workloads ``digests`` (structurally equal ones: one kernel)
+        timed the way a session timing ``cold_weights`` times that kernel; the other timing's only when the
+        store has none of these (a time is compared with times taken the same way only)."""
+        first = self.records(klass, digests, measured_only=True, limit=1)
+        if not first:
+            return []
+        wanted = kernel_timing(cold_weights, first[0].args_info)
+        return (self.records(klass, digests, measured_only=True, limit=limit, timing=wanted)
+                or self.records(klass, digests, measured_only=True, limit=limit))
 
     def find_workloads(self, mod: Any) -> list[str]:
         """The digests of the stored workloads structurally equal to ``mod`` (one, unless two workstations
@@ -535,15 +584,19 @@ class ScheduleStore:
             raise
         return len(stored)
 
-    def best_record(self, target: Any, mod: Any) -> StoredRecord | None:
-        """The fastest measured record of workload ``mod`` on ``target``'s CPU class, None if the store has none."""
-        found = self.records(cpu_class(target), self.find_workloads(mod), measured_only=True, limit=1)
+    def best_record(self, target: Any, mod: Any, cold_weights: bool = True) -> StoredRecord | None:
+        """The fastest measured record of workload ``mod`` on ``target``'s CPU class, None if the store has
+        none: of the timing a session timing ``cold_weights`` gives the kernel, when the store has it (by
+        default as on a board whose caches are not known: a large kernel cold)."""
+        found = self.best_records(cpu_class(target), self.find_workloads(mod), cold_weights, 1)
         return found[0] if found else None
 
-    def seed_records(self, target: Any, per_workload: int = SEED_PER_WORKLOAD, limit: int = SEED_LIMIT) -> list[Any]:
-        """What a new session of ``target`` starts from: the best measured records of each workload of its CPU
-        class (``per_workload`` each, ``limit`` in all, workloads with the fastest records first), as TVM
-        ``TuningRecord`` objects."""
+    def seed_records(self, target: Any, cold_weights: bool = False, per_workload: int = SEED_PER_WORKLOAD,
+                     limit: int = SEED_LIMIT) -> list[Any]:
+        """What a new session of ``target`` that times ``cold_weights`` starts from: the best measured
+        records of each workload of its CPU class (``per_workload`` each, ``limit`` in all, workloads with
+        the fastest records first), as TVM ``TuningRecord`` objects. Only records timed as the session will
+        time their kernel: a hot time next to cold ones would mislead the cost model and the seed replay."""
         from tvm.s_tir.meta_schedule.database import TuningRecord
 
         klass = cpu_class(target)
@@ -551,24 +604,33 @@ class ScheduleStore:
         for best in self.best_by_workload(klass):
             if best.best_us is None or len(seeds) >= limit:
                 continue
+            first = self.records(klass, [best.digest], measured_only=True, limit=1)
+            wanted = kernel_timing(cold_weights, first[0].args_info)
             workload = self.workload(best.digest)
-            for stored in self.records(klass, [best.digest], measured_only=True,
+            for stored in self.records(klass, [best.digest], measured_only=True, timing=wanted,
                                        limit=min(per_workload, limit - len(seeds))):
                 seeds.append(TuningRecord.from_json(stored.record, workload))
         return seeds
 
-    def database(self, target: Any, source: str = "", names: dict[str, str] | None = None) -> Any:
+    def database(self, target: Any, source: str = "", names: dict[str, str] | None = None,
+                 cold_weights: bool = False) -> Any:
         """MetaSchedule's view of this store for one target's CPU class (see :class:`ScheduleDatabase`);
-        ``names``: ``{workload hash: task name}`` of the session committing through it."""
-        return ScheduleDatabase(self, cpu_class(target), source, names)
+        ``names``: ``{workload hash: task name}`` of the session committing through it, ``cold_weights``: how
+        that session times (what its records are filed as, and which records its queries rank first)."""
+        return ScheduleDatabase(self, cpu_class(target), source, names, cold_weights)
 
 
-def _task_names(folder: Path) -> dict[str, str]:
-    """``{workload hash: task name}`` from a tuning log's session.json (none for a stock work dir)."""
+def _session_of(folder: Path) -> dict[str, Any]:
+    """A tuning log's session.json ({} for a stock work dir)."""
     try:
         session = read_session(folder / SESSION_FILE) or {}
     except TuningLogError:
         return {}
+    return session if isinstance(session, dict) else {}
+
+
+def _task_names(session: dict[str, Any]) -> dict[str, str]:
+    """``{workload hash: task name}`` from a tuning log's session (none for a stock work dir)."""
     tasks = session.get("tasks")
     return {str(t["workload_hash"]): str(t["name"]) for t in tasks if isinstance(t, dict)
             and t.get("workload_hash") and t.get("name")} if isinstance(tasks, list) else {}
@@ -590,12 +652,13 @@ def _make_database_class():
         this class only."""
 
         def __init__(self, store: ScheduleStore, klass: str, source: str = "",
-                     names: dict[str, str] | None = None) -> None:
+                     names: dict[str, str] | None = None, cold_weights: bool = False) -> None:
             super().__init__()
             self.store = store
             self.cpu_class = klass
             self.source = source or "session"
             self.names = names or {}  # {workload hash: task name}
+            self.cold_weights = cold_weights
 
         def _digest_of(self, workload: Any) -> str:
             shash, mod_json = workload.as_json()
@@ -615,8 +678,9 @@ def _make_database_class():
         def commit_tuning_record(self, record: Any) -> None:
             plain = record_json(record)
             klass = cpu_class(plain[2]) if len(plain) > 2 and plain[2] else self.cpu_class
+            timing = kernel_timing(self.cold_weights, plain[3] if len(plain) > 3 else [])
             self.store.add_records([StoredRecord(self._digest_of(record.workload), klass, plain,
-                                                 _mean_us(plain[1]), self.source)])
+                                                 _mean_us(plain[1]), self.source, timing)])
 
         def get_top_k(self, workload: Any, top_k: int) -> list[Any]:
             if top_k <= 0:
@@ -624,7 +688,7 @@ def _make_database_class():
             digests = self.store.find_workloads(workload.mod)
             names = {digest: name_map(self.store.workload(digest).mod, workload.mod) for digest in digests}
             return [TuningRecord.from_json(renamed(r.record, names[r.digest]), workload)
-                    for r in self.store.records(self.cpu_class, digests, measured_only=True, limit=top_k)]
+                    for r in self.store.best_records(self.cpu_class, digests, self.cold_weights, top_k)]
 
         def get_all_tuning_records(self) -> list[Any]:
             return [TuningRecord.from_json(r.record, self.store.workload(r.digest))
@@ -641,12 +705,12 @@ _database_class = None
 
 
 def ScheduleDatabase(store: ScheduleStore, klass: str, source: str = "",  # noqa: N802 - a class to callers
-                     names: dict[str, str] | None = None) -> Any:
+                     names: dict[str, str] | None = None, cold_weights: bool = False) -> Any:
     """A MetaSchedule ``PyDatabase`` over one CPU class of ``store`` (TVM imported on first use)."""
     global _database_class
     if _database_class is None:
         _database_class = _make_database_class()
-    return _database_class(store, klass, source, names)
+    return _database_class(store, klass, source, names, cold_weights)
 
 
 def iter_log_folders(root: str | Path) -> Iterator[Path]:

@@ -32,6 +32,7 @@ from ..toolchain import check_target, toolchain_for
 from ..tracker.client import TrackerAddr, servers_of_key, tracker_summary
 from .strategy import STRATEGIES
 from .tasks import Task, extract_tasks, log_layout_rewrite
+from .timing import board_llc_kib, weights_leave_the_caches
 
 logger = logging.getLogger(__name__)
 
@@ -264,9 +265,12 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
             seed_records = list(TuningLog.open(options.from_log).database().get_all_tuning_records())
         boards = _check_boards(options.tracker, options.key)
         done_before = log.record_count()
+        # A resumed log keeps how it was timed; one from before this was recorded was timed hot.
+        cold_weights = bool(log.session.get("cold_weights", False) if done_before
+                            else options.cold_weights and weights_leave_the_caches(model.weight_bytes, board))
         store = _open_store(options)
         if store is not None and not options.from_log and done_before == 0:
-            seed_records = store.seed_records(target)
+            seed_records = store.seed_records(target, cold_weights)
         layout_rewrite = log_layout_rewrite(log.session, done_before > 0, options.layout_rewrite)
         tasks = extract_tasks(model.mod, target, layout_rewrite)
         if not tasks:
@@ -282,10 +286,7 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
         "model": model.describe(), "key": options.key, "target": target, "board": board,
         "strategy": options.strategy, "budget": options.trials, "trials_done": done_before,
         "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
-        "layout_rewrite": layout_rewrite,
-        # A resumed log keeps how it was timed; one from before this was recorded was timed hot.
-        "cold_weights": bool(session.get("cold_weights", False) if done_before
-                             else options.cold_weights and weights_leave_the_caches(model.weight_bytes, board)),
+        "layout_rewrite": layout_rewrite, "cold_weights": cold_weights,
     })
     session.setdefault("runs", [])
     _close_killed_runs(session["runs"], earlier, done_before)
@@ -677,20 +678,6 @@ def resolve_board_target(key: str, timeout: float | None = None) -> tuple[dict[s
     if len(targets) > 1:
         logger.warning("boards of key %r advertise different targets; using %s's", key, records[0].name)
     return records[0].target(), records[0].as_dict()
-
-
-def board_llc_kib(board: dict[str, Any] | None) -> int:
-    """The last-level cache a board profile says its target cores have, in KiB; 0 when it does not say."""
-    return int((board or {}).get("llc_kib") or 0)
-
-
-def weights_leave_the_caches(weight_bytes: int, board: dict[str, Any] | None) -> bool:
-    """Whether a model's weights are larger than the board's last-level cache, so that in the model each
-    large kernel fetches its weights from memory (then its candidates are timed cold). A board that does
-    not say its cache (an older agent, a phone, plain TVM RPC) is taken to have a small one, as most
-    boards do (a Raspberry Pi 4 has 1 MiB)."""
-    llc_kib = board_llc_kib(board)
-    return llc_kib <= 0 or weight_bytes > llc_kib * 1024
 
 
 def _check_boards(tracker: TrackerAddr, key: str) -> int:

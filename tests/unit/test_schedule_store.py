@@ -16,7 +16,7 @@ from host.cli import cli
 from host.logs.format import RECORD_FILE, WORKLOAD_FILE, mean_run_secs
 from host.schedules.store import ScheduleStore, ScheduleStoreError, cpu_class
 
-from tests.helpers_schedules import A72, A72_TARGET, SMALL, ZNVER4, records_of, retargeted
+from tests.helpers_schedules import A72, A72_TARGET, SMALL, ZNVER4, records_of, retargeted, timed_cold
 
 def _edgetune(*args: str) -> subprocess.CompletedProcess:
     """The installed CLI as a user runs it (errors are one line on stderr)."""
@@ -212,3 +212,89 @@ def test_a_schedule_of_one_model_applies_to_the_same_kernel_of_another(store: Sc
     log.commit_tuning_record(rebound)
     reread = JSONDatabase(work_dir=str(tmp_path / "log")).get_all_tuning_records()
     assert len(reread) == 1 and "lv85_red_rf" in str(reread[0].trace) and "lv157" not in str(reread[0].trace)
+
+
+# The small fixture's two kernels: 57,600 bytes of arguments (a dense layer) and 49,152 (a matmul).
+# With the threshold between them the first is a "large" kernel, timed cold by a cold session.
+LARGE_KERNEL_BYTES = 50_000
+
+
+def test_records_are_filed_and_served_by_how_they_were_timed(store: ScheduleStore, tmp_path: Path, monkeypatch):
+    import tvm_ffi
+    from tvm.s_tir.meta_schedule.database import Workload
+
+    from host.tuning import timing
+
+    monkeypatch.setattr(timing, "COLD_ABOVE_BYTES", LARGE_KERNEL_BYTES)
+    cold = store.import_log(timed_cold(tmp_path, scale=3.0))  # the large kernel's 4 records cold, 12 hot
+    assert (cold.records, cold.added) == (16, 16)
+    hot = store.import_log(SMALL)  # the hot log: the small kernel's 12 are already there, timed the same way
+    assert (hot.records, hot.added) == (16, 4)
+    large, small = (Workload.from_json(json.loads(line)).mod  # workloads 0 and 1 of the log
+                    for line in (SMALL / WORKLOAD_FILE).read_text().splitlines() if line.strip())
+    [large_digest] = store.find_workloads(large)
+    assert {r.timing for r in store.records(ZNVER4, [large_digest])} == {"hot", "cold"}
+    [small_digest] = store.find_workloads(small)
+    assert {r.timing for r in store.records(ZNVER4, [small_digest])} == {"hot"}
+
+    fastest_hot = best_secs(SMALL, 0) * 1e6
+    [shown] = [w for w in store.best_by_workload(ZNVER4) if w.digest == large_digest]
+    assert (shown.best_hot_us, shown.best_cold_us) == (pytest.approx(fastest_hot), pytest.approx(3 * fastest_hot))
+
+    # A session that times cold is seeded with the cold times of the large kernel, never the faster hot
+    # ones; a hot session with the hot ones. The small kernel is hot either way.
+    target = json.loads((SMALL / "session.json").read_text())["target"]
+    for cold_weights, scale in ((True, 3.0), (False, 1.0)):
+        seeds = store.seed_records(target, cold_weights)
+        assert len(seeds) == 16
+        large_seeds = [r for r in seeds if tvm_ffi.structural_equal(r.workload.mod, large)]
+        assert sorted(mean_run_secs(r.run_secs) * 1e6 for r in large_seeds) == pytest.approx(
+            sorted(mean_run_secs(r[1]) * 1e6 * scale for i, r in records_of(SMALL) if i == 0))
+        best = store.best_record(target, large, cold_weights)
+        assert best.timing == ("cold" if cold_weights else "hot")
+        assert best.mean_us == pytest.approx(fastest_hot * scale)
+        top = store.database(target, cold_weights=cold_weights).get_top_k(store.workload(large_digest), 1)
+        assert mean_run_secs(top[0].run_secs) * 1e6 == pytest.approx(fastest_hot * scale)
+
+
+def test_a_store_of_schema_1_is_upgraded_and_its_records_read_as_hot(tmp_path: Path):
+    import sqlite3
+
+    from host.schedules.store import SCHEMA_VERSION
+
+    location = tmp_path / "old.sqlite"
+    with ScheduleStore(str(location)) as store:  # a store with one hot record, then made schema 1 again
+        store.import_log(SMALL)
+    old = sqlite3.connect(str(location))
+    kept = old.execute("SELECT fingerprint FROM records ORDER BY fingerprint LIMIT 1").fetchone()[0]
+    old.executescript(f"""
+        CREATE TABLE v1 (fingerprint TEXT PRIMARY KEY, digest TEXT NOT NULL, cpu_class TEXT NOT NULL,
+            record TEXT NOT NULL, mean_us DOUBLE PRECISION, source TEXT NOT NULL, created TEXT NOT NULL);
+        INSERT INTO v1 SELECT fingerprint, digest, cpu_class, record, mean_us, source, created FROM records
+            WHERE fingerprint = '{kept}';
+        DROP TABLE records; ALTER TABLE v1 RENAME TO records;
+        UPDATE meta SET value = '1' WHERE name = 'schema';""")
+    old.commit()
+    assert [c[1] for c in old.execute("PRAGMA table_info(records)")].count("timing") == 0
+    old.close()
+
+    with ScheduleStore(str(location)) as store:
+        assert store._sql.query("SELECT value FROM meta WHERE name = 'schema'") == [(str(SCHEMA_VERSION),)]
+        assert [r.timing for r in store.records(ZNVER4)] == ["hot"]
+        # The old row keeps its fingerprint: importing the log it came from adds only the other 15.
+        assert store.import_log(SMALL).added == 15
+    with ScheduleStore(str(location)) as store:  # opened again: nothing to upgrade
+        assert len(store.records(ZNVER4)) == 16
+
+
+def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path):
+    import sqlite3
+
+    location = tmp_path / "new.sqlite"
+    ScheduleStore(str(location)).close()
+    newer = sqlite3.connect(str(location))
+    newer.execute("UPDATE meta SET value = '99' WHERE name = 'schema'")
+    newer.commit()
+    newer.close()
+    with pytest.raises(ScheduleStoreError, match="newer edgetune"):
+        ScheduleStore(str(location))
