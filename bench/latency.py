@@ -6,7 +6,8 @@ instead, timed on the board itself) and against TVM's default build, all measure
 Prints JSON: per model the p50 of ONNX Runtime, untuned and tuned, the ratios, and the trials and
 minutes the tuning took. The tuning logs are kept (``--logs``, default ``~/.cache/edgetune/bench-logs``)
 under a name of model, trials and variant, so a rerun measures again without tuning again.
-``--no-layout-rewrite``, ``--hot-weights`` and ``--scheduler gradient`` tune the A/B variants of those levers.
+``--no-layout-rewrite``, ``--hot-weights`` and ``--scheduler gradient|time-share`` tune the A/B variants of those
+levers.
 Timings are taken only while nothing else is built: tuning first, then the builds, then the timings.
 """
 
@@ -53,8 +54,9 @@ def main() -> None:
     parser.add_argument("--logs", default=str(Path.home() / ".cache" / "edgetune" / "bench-logs"),
                         help="where the tuning logs are kept (reused by a rerun)")
     parser.add_argument("--no-layout-rewrite", action="store_true", help="A/B: tune without weight repacking")
-    parser.add_argument("--scheduler", default="weighted", choices=("weighted", "gradient"),
-                        help="A/B: MetaSchedule's gradient scheduler with budget/tasks trials per batch")
+    parser.add_argument("--scheduler", default="weighted", choices=("weighted", "time-share", "gradient"),
+                        help="A/B: trials by the model's time alone (time-share), or MetaSchedule's gradient "
+                             "scheduler with budget/tasks trials per batch")
     parser.add_argument("--hot-weights", action="store_true",
                         help="A/B: time every candidate with its weights in the caches (repeated runs)")
     parser.add_argument("--seed", type=int, default=None)

@@ -144,3 +144,32 @@ def this_board_profile() -> dict[str, Any]:
     import platform
 
     return {"arch": platform.machine(), "cpu": "this CPU", "features": board_features(), "os": "linux"}
+
+
+def twin_convs_onnx(path: Path, channels: int = 16, size: int = 28) -> Path:
+    """A small ONNX model with one conv shape in two places: ``relu(conv(x))``, then
+    ``relu(conv(y) + x)`` (a residual block). TVM makes two tuning tasks of it that differ only in
+    their epilogue (sibling tasks). Seeded random weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+
+    def weight(name: str, shape: tuple[int, ...]) -> Any:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32), name)
+
+    shape = [1, channels, size, size]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["y"]),
+        helper.make_node("Conv", ["y", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "x"], ["s"]),
+        helper.make_node("Relu", ["s"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "twin_convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
+        initializer=[weight("w1", (channels, channels, 3, 3)), weight("b1", (channels,)),
+                     weight("w2", (channels, channels, 3, 3)), weight("b2", (channels,))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path

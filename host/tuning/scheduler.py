@@ -6,9 +6,12 @@ uniform pass and no task ever saw a cost-model-guided second batch. Here:
 
 1. first pass: every task gets one short batch (the strategy trims it, see ``BudgetedStrategy``), so
    each task has a measured latency and the shared XGBoost model has data from every kernel shape;
-2. then each batch goes to the task with the largest ``weight x best latency / batches so far``: a
-   task's trials grow with its share of the model's time, and a kernel that is a tiny share of it
-   (below ``MIN_TIME_SHARE``) gets no more trials while a bigger one is left.
+2. then each batch goes to the task with the largest ``weight x best latency x room / batches so far``:
+   a task's trials grow with its share of the model's time, and more so the further its kernel runs
+   below the FLOP rate the model's best kernel reaches on the board (``room`` is 1 for that kernel, up
+   to ``1 + ROOM_WEIGHT`` for a kernel far below it: there is time to win there, while a kernel that
+   already runs near the board's best gains little from more trials). A kernel that is a tiny share of
+   the model's time (below ``MIN_TIME_SHARE``) gets no more trials while a bigger one is left.
 A task whose first batch failed entirely (no latency yet) is tried again before any other.
 """
 
@@ -28,6 +31,10 @@ MIN_TIME_SHARE = 0.005
 # Tasks with no successful trial yet are retried at most this many batches before they are left to
 # the build's default schedule.
 MAX_BATCHES_WITHOUT_RESULT = 3
+# How much a kernel's distance below the model's best FLOP rate adds to its claim on trials: its time
+# counts up to (1 + ROOM_WEIGHT) times. Bounded, because a kernel can be far below the best for want of
+# arithmetic (a depthwise conv, a pooling: memory-bound), which no schedule changes.
+ROOM_WEIGHT = 1.0
 
 
 def batch_sizes(remaining: int, tasks: int) -> tuple[int, int]:
@@ -40,12 +47,22 @@ def batch_sizes(remaining: int, tasks: int) -> tuple[int, int]:
     return first, later
 
 
+def room(best_us: Sequence[float | None], flops: Sequence[float] | None, measured: Sequence[int]) -> dict[int, float]:
+    """Each measured task's factor in ``[1, 1 + ROOM_WEIGHT]``: how far its kernel runs below the FLOP
+    rate of the fastest kernel (per FLOP) of the model so far. 1 for a task without a FLOP count."""
+    rates = {i: flops[i] / float(best_us[i]) for i in measured  # type: ignore[arg-type]
+             if flops is not None and flops[i] > 0 and best_us[i]}
+    top = max(rates.values(), default=0.0)
+    return {i: 1.0 + ROOM_WEIGHT * (1.0 - rates[i] / top) if i in rates and top > 0 else 1.0 for i in measured}
+
+
 def next_task(best_us: Sequence[float | None], weights: Sequence[float], batches: Sequence[int],
-              live: Sequence[int]) -> int | None:
+              live: Sequence[int], flops: Sequence[float] | None = None) -> int | None:
     """The index (among ``live``) that gets the next batch, per the rules above; None if none is left.
 
     ``best_us``: each task's best latency so far (None: no successful trial), ``weights``: how often
-    the model runs it, ``batches``: batches it had in this session.
+    the model runs it, ``batches``: batches it had in this session, ``flops``: each task's FLOPs per run
+    (None: no FLOP counts, trials follow the model's time alone).
     """
     if not live:
         return None
@@ -61,20 +78,26 @@ def next_task(best_us: Sequence[float | None], weights: Sequence[float], batches
     times = {i: weights[i] * float(best_us[i]) for i in measured}  # type: ignore[arg-type]
     total = sum(times.values()) or 1.0
     worth = [i for i in measured if times[i] / total >= MIN_TIME_SHARE] or measured
-    return max(worth, key=lambda i: (times[i] / batches[i], -i))
+    factor = room(best_us, flops, measured)
+    return max(worth, key=lambda i: (times[i] * factor[i] / batches[i], -i))
 
 
 @derived_object
 class WeightedScheduler(PyTaskScheduler):
     """A MetaSchedule task scheduler that follows :func:`next_task`.
 
-    ``best_us`` is read live (the session's history callback updates it after every batch).
+    ``best_us`` is read live (the session's history callback updates it after every batch); ``after_batch``
+    runs between batches, when no candidate is being built or measured (the session carries new best
+    schedules over to sibling tasks there).
     """
 
-    def __init__(self, best_us, weights: Sequence[float]) -> None:
+    def __init__(self, best_us, weights: Sequence[float], flops: Sequence[float] | None = None,
+                 after_batch=None) -> None:
         super().__init__()
         self.best_us = best_us  # callable: () -> list of each task's best latency in us, or None
         self.weights = list(weights)
+        self.flops = list(flops) if flops is not None else None
+        self.after_batch = after_batch  # callable(task): runs once a task's batch is measured and recorded
         self.batches = [0] * len(self.weights)
         self._running: int | None = None
 
@@ -84,8 +107,10 @@ class WeightedScheduler(PyTaskScheduler):
             task_id, self._running = self._running, None
             if not outer.tasks_[task_id].is_terminated:
                 self.join_running_task(task_id)  # measure callbacks run here: bests are up to date
+                if self.after_batch is not None:
+                    self.after_batch(task_id)
         live = [i for i, task in enumerate(outer.tasks_) if not task.is_terminated]
-        chosen = next_task(self.best_us(), self.weights, self.batches, live)
+        chosen = next_task(self.best_us(), self.weights, self.batches, live, self.flops)
         if chosen is None:
             return -1
         self.batches[chosen] += 1

@@ -41,6 +41,7 @@ Event = dict[str, Any]
 # Timed runs of ONNX Runtime on the board at the start of a session (its baseline).
 BASELINE_RUNS = 20
 RESUME_MESSAGE = "interrupted: run the same command again to resume"
+SCHEDULERS = ("weighted", "time-share", "gradient")
 
 
 @dataclass
@@ -59,11 +60,13 @@ class TuneOptions:
     no_board_deadline_sec: float | None = None
     seed: int | None = None
     layout_rewrite: bool = True  # kernel form of a new log (a resumed log keeps its own)
-    scheduler: str = "weighted"  # or "gradient": MetaSchedule's own, with budget / tasks trials per batch
+    # "weighted" (scheduler.next_task), "time-share" (the same without the kernels' room to improve), or
+    # "gradient" (MetaSchedule's own, with budget / tasks trials per batch): the last two for A/Bs.
+    scheduler: str = "weighted"
     schedules: str | None = None  # the schedule store (file or postgresql:// URL); None: EDGETUNE_SCHEDULES or default
     use_schedules: bool = True  # False (--no-schedules): neither seed from the store nor add to it
     # Time the candidates of kernels too large for the caches with cold caches, as the model runs them
-    # (runner.COLD_ABOVE_BYTES); False times every candidate hot. A resumed log keeps its own.
+    # (timing.COLD_ABOVE_BYTES); False times every candidate hot. A resumed log keeps its own.
     cold_weights: bool = True
 
 
@@ -198,6 +201,7 @@ class _Search:
     builder: Any
     runner: Any
     cost_info: dict[str, Any]
+    siblings: Any = None  # siblings.SiblingTransfer of the weighted scheduler's search, once made
 
 
 def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None = None) -> SessionResult:
@@ -238,6 +242,8 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
 def _check_options(options: TuneOptions) -> None:
     if options.strategy not in STRATEGIES:
         raise EdgetuneError(f"unknown strategy {options.strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if options.scheduler not in SCHEDULERS:
+        raise EdgetuneError(f"unknown scheduler {options.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     if options.trials <= 0:
         raise EdgetuneError("--trials must be a positive number of trials (e.g. --trials 64)")
     if options.early_stopping is not None and options.early_stopping <= 0:
@@ -574,6 +580,7 @@ def _search(run: _Run, search: _Search) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     from .scheduler import WeightedScheduler, batch_sizes
+    from .siblings import SiblingTransfer
 
     budget = run.budget
     if budget.remaining <= 0:
@@ -583,7 +590,16 @@ def _search(run: _Run, search: _Search) -> None:
     else:
         first_batch, per_iter = batch_sizes(budget.remaining, len(run.tasks))
         budget.first_batch = first_batch
-        scheduler = WeightedScheduler(lambda: [r.best_us for r in run.progress.results], search.weights)
+
+        def best_us() -> list[float | None]:
+            return [r.best_us for r in run.progress.results]
+
+        if run.options.scheduler == "weighted":
+            search.siblings = SiblingTransfer(search.contexts, search.database, best_us,
+                                              lambda task, sch, key: _measure_carried(run, search, task, sch, key))
+        scheduler = WeightedScheduler(best_us, search.weights,
+                                      [t.flops for t in run.tasks] if run.options.scheduler == "weighted" else None,
+                                      search.siblings.after_batch if search.siblings is not None else None)
     ms.tune_tasks(
         tasks=search.contexts, task_weights=search.weights, work_dir=str(run.log.path),
         max_trials_global=budget.remaining, max_trials_per_task=budget.remaining,
@@ -593,6 +609,32 @@ def _search(run: _Run, search: _Search) -> None:
                            ms.measure_callback.UpdateCostModel()],
         task_scheduler=scheduler,
     )
+
+
+def _measure_carried(run: _Run, search: _Search, task: int, sch: Any, key: int) -> bool:
+    """Time a schedule carried over from a sibling task as a trial of ``task``: into the log, the history
+    and the cost model, and marked measured for the task's search. False when the budget is spent."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+    from tvm.s_tir.meta_schedule.runner import RunnerResult
+    from tvm.s_tir.meta_schedule.search_strategy import MeasureCandidate
+
+    if run.budget.take(1) == 0:
+        return False
+    context = search.contexts[task]
+    args_info = ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+    run_secs, error, board = _measure_once(run, search, search.runner, sch.mod, args_info)
+    workload = search.database.commit_workload(context.mod)
+    search.database.commit_tuning_record(TuningRecord(sch.trace, workload, run_secs, search.tvm_target, args_info))
+    latency = None if error else mean_run_secs(run_secs)
+    run.progress.record(task, [(latency, error, board)])
+    if latency is not None and run.options.strategy == "xgb":
+        search.cost_model.update(context, [MeasureCandidate(sch, args_info)],
+                                 [RunnerResult([float(s) for s in run_secs], None)])
+    strategy = run.budget.strategies.get(run.tasks[task].name)
+    if strategy is not None:
+        strategy.measured.add(key)
+    return True
 
 
 def _stop_reason(err: BaseException, runner: Any, interrupted: threading.Event) -> tuple[Status, str]:
@@ -620,6 +662,8 @@ def _close_run(run: _Run, search: _Search | None, status: Status) -> None:
         search.builder.shutdown()
         search.runner.shutdown()
         measured_by = search.runner.measured_by
+        if search.siblings is not None:
+            run.entry["carried_to_siblings"] = {"trials": search.siblings.trials, "improved": search.siblings.improved}
     run.trials_done = run.log.record_count()
     run.entry.update(ended=now_iso(), trials=run.trials_done - run.done_before, status=status)
     if run.budget is not None:

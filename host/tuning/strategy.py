@@ -80,6 +80,7 @@ class Budget:
     early_stopped: list[str] = field(default_factory=list)  # names of tasks stopped for no improvement
     repeats_skipped: int = 0  # candidates dropped because the log (or their batch) already had them
     lock: threading.Lock = field(default_factory=threading.Lock)
+    strategies: dict[str, "BudgetedStrategy"] = field(default_factory=dict)  # each task's, by task name
 
     def take(self, wanted: int) -> int:
         with self.lock:
@@ -131,6 +132,7 @@ class BudgetedStrategy(PySearchStrategy):
 
     def _initialize_with_tune_context(self, context) -> None:
         self.task_name = str(context.task_name)
+        self.budget.strategies[self.task_name] = self
         self.mod = context.mod
         self.postprocs = list(context.space_generator.postprocs or []) if context.space_generator else []
         self.inner._initialize_with_tune_context(context)

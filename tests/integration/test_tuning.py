@@ -344,3 +344,32 @@ def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_t
     unmeasured = [t["index"] for t in tasks if t["index"] not in best]  # retried before anything else
     heaviest = max(best, key=lambda i: weight[i] * best[i])
     assert batches[len(tasks)][0]["task"] == (unmeasured[0] if unmeasured else heaviest)
+
+
+def test_a_new_best_schedule_is_carried_over_to_its_sibling_task(tuning_bed, tmp_path):
+    """One conv shape in two places (with and without a residual add): each task's new best schedule is
+    measured on the other as a trial of it, inside the budget, and lands in the log like any trial."""
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+    from tests.helpers_build import twin_convs_onnx
+
+    model = twin_convs_onnx(tmp_path / "twin.onnx")
+    log_dir = tmp_path / "log"
+    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 24, "--json", "--no-schedules", model=str(model))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    session, history = session_of(log_dir), history_of(log_dir)
+    convs = [t["index"] for t in session["tasks"] if "conv2d" in t["name"]]
+    assert len(convs) == 2
+    carried = session["runs"][-1]["carried_to_siblings"]
+    assert carried["trials"] >= 1 and 0 <= carried["improved"] <= carried["trials"]
+    # Inside the budget: every trial, carried or searched, is one line of the history and one record.
+    assert len(history) == session["trials_done"] == 24
+    assert len(JSONDatabase(work_dir=str(log_dir)).get_all_tuning_records()) == 24
+    # The first conv's first batch is followed by its best schedule measured on the other conv, before the
+    # other's own first batch (it has no time yet, so the carried schedule is worth a trial).
+    first = history[0]["task"]
+    assert first in convs
+    after = next(i for i, e in enumerate(history) if e["task"] != first)
+    sibling = next(c for c in convs if c != first)
+    assert history[after]["task"] == sibling and history[after]["elapsed_s"] != history[after + 1]["elapsed_s"]
+    assert history[after]["latency_us"] is not None

@@ -60,3 +60,28 @@ def test_batch_sizes(remaining, tasks, first, later):
     assert batch_sizes(remaining, tasks) == (first, later)
     if remaining >= 4 * tasks:
         assert first * tasks <= remaining // 2
+
+
+def test_a_kernel_far_below_the_models_best_flop_rate_gets_more_trials():
+    from host.tuning.scheduler import ROOM_WEIGHT, room
+
+    # Equal shares of the model's time (1 ms each), but task 1 does a third of task 0's work in it: it
+    # runs at a third of the rate task 0 shows the board can reach.
+    best, flops = [1000.0, 1000.0], [3e9, 1e9]
+    assert room(best, flops, [0, 1]) == pytest.approx({0: 1.0, 1: 1.0 + ROOM_WEIGHT * 2 / 3})
+    batches = [1, 1]
+    for _ in range(30):
+        batches[next_task(best, [1, 1], batches, [0, 1], flops)] += 1
+    assert batches[1] == pytest.approx(batches[0] * (1.0 + ROOM_WEIGHT * 2 / 3), abs=1.5)
+    # Without FLOP counts (or a task without one), trials follow the model's time alone.
+    batches = [1, 1]
+    for _ in range(30):
+        batches[next_task(best, [1, 1], batches, [0, 1])] += 1
+    assert abs(batches[0] - batches[1]) <= 1
+    assert room(best, [3e9, 0.0], [0, 1]) == {0: 1.0, 1: 1.0}
+
+
+def test_room_never_outweighs_a_much_larger_share_of_the_models_time():
+    # Task 1 is at a tenth of the best rate but carries a fifth of task 0's time: task 0 still leads.
+    best, flops = [5000.0, 1000.0], [50e9, 1e9]
+    assert next_task(best, [1, 1], [1, 1], [0, 1], flops) == 0
