@@ -127,6 +127,8 @@ class _Display:
                 line += f"  ({est / self.baseline_ms:.2f}x ONNX Runtime)"
             if event.get("failed"):
                 line += f"  ({event['failed']} failed)"
+            if event.get("carried_from"):
+                line += f"  (the schedule of {event['carried_from']})"
             click.echo(line, err=True)
         elif kind == "waiting":
             click.echo(f"waiting: {event['reason']}; giving up in {event['deadline_s']:g} s unless a board "
@@ -194,6 +196,10 @@ def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_lo
                    + (f"{est:.3f} ms" if est is not None else "unknown (some tasks have no successful trial)"))
         if result.measured_by:
             click.echo("measured by: " + ", ".join(f"{b} ({n})" for b, n in sorted(result.measured_by.items())))
+        carried = result.carried_to_siblings
+        if carried.get("trials"):
+            click.echo(f"sibling tasks (one kernel, another epilogue): {carried['trials']} trials replayed a "
+                       f"sibling's best schedule, {carried['improved']} of them became the task's best")
     if result.message:
         click.echo(result.message, err=True)
     if result.status is Status.INTERRUPTED:

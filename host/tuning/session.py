@@ -86,13 +86,15 @@ class SessionResult:
     measured_by: dict[str, int]
     message: str = ""
     cost_model: dict[str, Any] = field(default_factory=dict)
+    carried_to_siblings: dict[str, int] = field(default_factory=dict)  # trials, improved (this run)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "log_dir": self.log_dir, "status": self.status, "budget": self.budget, "trials_done": self.trials_done,
             "trials_this_run": self.trials_this_run, "elapsed_s": round(self.elapsed_s, 2),
             "estimated_latency_ms": self.estimated_latency_ms, "measured_by": self.measured_by,
-            "message": self.message, "cost_model": self.cost_model, "tasks": [t.as_dict() for t in self.tasks],
+            "message": self.message, "cost_model": self.cost_model, "carried_to_siblings": self.carried_to_siblings,
+            "tasks": [t.as_dict() for t in self.tasks],
         }
 
 
@@ -118,8 +120,10 @@ class _Progress:
         tally_trials(self.results, [t for t in trials if 0 <= t.task < len(self.results)])
         self.trial = max([self.trial, *(t.trial for t in trials)])
 
-    def record(self, task_index: int, outcomes: list[tuple[float | None, str | None, str | None]]) -> None:
-        """Append one batch of trials: (latency_s or None, error or None, board) each."""
+    def record(self, task_index: int, outcomes: list[tuple[float | None, str | None, str | None]],
+               carried_from: str | None = None) -> None:
+        """Append one batch of trials: (latency_s or None, error or None, board) each; ``carried_from``: the
+        sibling task whose schedule they replay (see :mod:`.siblings`)."""
         result = self.results[task_index]
         elapsed, now = round(self.elapsed(), 3), now_iso()  # the batch is recorded together: one time for all
         trials = []
@@ -138,6 +142,7 @@ class _Progress:
             "estimated_ms": estimated_latency_ms(self.results),
             "tasks_tuned": sum(1 for r in self.results if r.tuned), "tasks": len(self.results),
             "elapsed_s": round(self.elapsed(), 2),
+            **({"carried_from": carried_from} if carried_from else {}),
         })
 
 
@@ -596,7 +601,8 @@ def _search(run: _Run, search: _Search) -> None:
 
         if run.options.scheduler == "weighted":
             search.siblings = SiblingTransfer(search.contexts, search.database, best_us,
-                                              lambda task, sch, key: _measure_carried(run, search, task, sch, key))
+                                              lambda task, sch, key, source: _measure_carried(run, search, task, sch, key,
+                                                                                              source))
         scheduler = WeightedScheduler(best_us, search.weights,
                                       [t.flops for t in run.tasks] if run.options.scheduler == "weighted" else None,
                                       search.siblings.after_batch if search.siblings is not None else None)
@@ -611,9 +617,10 @@ def _search(run: _Run, search: _Search) -> None:
     )
 
 
-def _measure_carried(run: _Run, search: _Search, task: int, sch: Any, key: int) -> bool:
-    """Time a schedule carried over from a sibling task as a trial of ``task``: into the log, the history
-    and the cost model, and marked measured for the task's search. False when the budget is spent."""
+def _measure_carried(run: _Run, search: _Search, task: int, sch: Any, key: int, source: int) -> bool:
+    """Time a schedule carried over from the sibling task ``source`` as a trial of ``task``: into the log,
+    the history and the cost model, and marked measured for the task's search. False when the budget is
+    spent."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.database import TuningRecord
     from tvm.s_tir.meta_schedule.runner import RunnerResult
@@ -627,7 +634,7 @@ def _measure_carried(run: _Run, search: _Search, task: int, sch: Any, key: int) 
     workload = search.database.commit_workload(context.mod)
     search.database.commit_tuning_record(TuningRecord(sch.trace, workload, run_secs, search.tvm_target, args_info))
     latency = None if error else mean_run_secs(run_secs)
-    run.progress.record(task, [(latency, error, board)])
+    run.progress.record(task, [(latency, error, board)], carried_from=run.tasks[source].name)
     if latency is not None and run.options.strategy == "xgb":
         search.cost_model.update(context, [MeasureCandidate(sch, args_info)],
                                  [RunnerResult([float(s) for s in run_secs], None)])
@@ -698,7 +705,8 @@ def _result(run: _Run, search: _Search, status: Status, message: str) -> Session
     results = run.progress.results
     return SessionResult(str(run.log.path), status, run.options.trials, run.trials_done,
                          run.trials_done - run.done_before, time.monotonic() - run.started, results,
-                         estimated_latency_ms(results), dict(search.runner.measured_by), message, search.cost_info)
+                         estimated_latency_ms(results), dict(search.runner.measured_by), message, search.cost_info,
+                         dict(run.entry.get("carried_to_siblings") or {}))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -129,8 +129,8 @@ def carry_over(trace: Any, target_spaces: Sequence[Any], target_mod: Any, postpr
 
 class SiblingTransfer:
     """During a search: when a task finds a new best schedule, carry it over to each sibling task that does
-    not already run at least as fast, once per schedule. ``measure(task, sch, key)``
-    times the carried schedule on a board as a trial of that task (the caller commits it to the log and
+    not already run at least as fast, once per schedule. ``measure(task, sch, key, source)``
+    times the schedule carried from task ``source`` on a board as a trial of ``task`` (the caller commits it to the log and
     the cost model); it returns False when the budget is spent."""
 
     def __init__(self, contexts: Sequence[Any], database: Any, best_us: Any, measure: Any) -> None:
@@ -176,7 +176,7 @@ class SiblingTransfer:
                 continue
             self._tried[sibling].add(key)
             before = self.best_us()[sibling]
-            if not self.measure(sibling, sch, key):
+            if not self.measure(sibling, sch, key, task):
                 return
             self.trials += 1
             after = self.best_us()[sibling]

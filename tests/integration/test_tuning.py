@@ -373,3 +373,9 @@ def test_a_new_best_schedule_is_carried_over_to_its_sibling_task(tuning_bed, tmp
     sibling = next(c for c in convs if c != first)
     assert history[after]["task"] == sibling and history[after]["elapsed_s"] != history[after + 1]["elapsed_s"]
     assert history[after]["latency_us"] is not None
+    end = json.loads(out.stdout.strip().splitlines()[-1])
+    assert end["event"] == "end" and end["carried_to_siblings"] == carried
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    carried_events = [e for e in events if e.get("carried_from")]
+    assert len(carried_events) == carried["trials"]
+    assert {e["task"] for e in carried_events} <= {session["tasks"][c]["name"] for c in convs}
