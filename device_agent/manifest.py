@@ -424,6 +424,12 @@ _FEATURE_SYNONYMS: dict[str, tuple[str, ...]] = {
     "vfp4": ("vfpv4", "vfp4"),
     "sse4.1": ("sse4_1", "sse4.1"),
     "sse4.2": ("sse4_2", "sse4.2"),
+    # x86 extensions whose Linux flag has an underscore LLVM's name has not (the probe puts the LLVM
+    # names of the first four into a target's mattr).
+    **{llvm: (flag, llvm) for llvm, flag in (
+        ("avx512vnni", "avx512_vnni"), ("avxvnni", "avx_vnni"), ("avx512bf16", "avx512_bf16"),
+        ("avx512fp16", "avx512_fp16"), ("avx512vbmi2", "avx512_vbmi2"), ("avx512bitalg", "avx512_bitalg"),
+        ("avx512vpopcntdq", "avx512_vpopcntdq"), ("avx512vp2intersect", "avx512_vp2intersect"))},
 }
 
 # Features a named CPU implies even without mattr (code built for it may use them). Only the ones
@@ -527,7 +533,7 @@ def compatibility_problem(target: Mapping[str, Any], profile: Mapping[str, Any])
         if feature not in _CHECKABLE and not feature.startswith("avx512"):
             logger.info("cannot check target feature %s against the board profile; left to the self-check", feature)
             continue
-        accepted = _FEATURE_SYNONYMS.get(feature, (feature, feature.replace(".", "_")))
+        accepted = _FEATURE_SYNONYMS.get(feature, (feature, feature.replace(".", "_").replace("-", "_")))
         if not have.intersection(accepted):
             return (
                 f"package needs {feature}, this board ({_cpu_label(profile)}) lacks it: "

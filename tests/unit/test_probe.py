@@ -247,6 +247,21 @@ def test_x86_epyc_zen4():
     assert p.target == {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2}
 
 
+def test_x86_epyc_zen5_in_a_vm_gets_a_level_and_the_extensions_it_shows():
+    # This VM shows AVX-512 but not every Zen 5 flag (no rdseed, movdiri): a level, plus the int8/bf16
+    # extensions by name. A package built for that target installs on this very board.
+    from device_agent.manifest import compatibility_problem
+
+    p = profile_of("x86-epyc-zen5")
+    assert p.target == {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4",
+                        "mattr": ["+avx512vnni", "+avxvnni", "+avx512bf16"], "num-cores": 2}
+    assert {"avx512_vnni", "avx_vnni", "avx512_bf16"} <= set(p.features)
+    assert compatibility_problem(p.target, p.as_dict()) is None
+    for flag, feature in (("avx512_vnni", "avx512vnni"), ("avx_vnni", "avxvnni"), ("avx512_bf16", "avx512bf16")):
+        lacking = {**p.as_dict(), "features": [f for f in p.features if f != flag]}
+        assert f"needs {feature}," in (compatibility_problem(p.target, lacking) or "")
+
+
 def test_x86_with_avx512_hidden_falls_back_to_a_level():
     # Derived from the EPYC capture: a hypervisor that hides AVX-512 must not get znver4 code.
     cpuinfo = re.sub(r" avx512\S*", "", text("x86-epyc-zen4/cpuinfo"))
