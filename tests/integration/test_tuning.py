@@ -355,7 +355,7 @@ def test_a_new_best_schedule_is_carried_over_to_its_sibling_task(tuning_bed, tmp
 
     model = twin_convs_onnx(tmp_path / "twin.onnx")
     log_dir = tmp_path / "log"
-    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 24, "--json", "--no-schedules", model=str(model))
+    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 16, "--json", "--no-schedules", model=str(model))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     session, history = session_of(log_dir), history_of(log_dir)
     convs = [t["index"] for t in session["tasks"] if "conv2d" in t["name"]]
@@ -363,8 +363,8 @@ def test_a_new_best_schedule_is_carried_over_to_its_sibling_task(tuning_bed, tmp
     carried = session["runs"][-1]["carried_to_siblings"]
     assert carried["trials"] >= 1 and 0 <= carried["improved"] <= carried["trials"]
     # Inside the budget: every trial, carried or searched, is one line of the history and one record.
-    assert len(history) == session["trials_done"] == 24
-    assert len(JSONDatabase(work_dir=str(log_dir)).get_all_tuning_records()) == 24
+    assert len(history) == session["trials_done"] == 16
+    assert len(JSONDatabase(work_dir=str(log_dir)).get_all_tuning_records()) == 16
     # The first conv's first batch is followed by its best schedule measured on the other conv, before the
     # other's own first batch (it has no time yet, so the carried schedule is worth a trial).
     first = history[0]["task"]
