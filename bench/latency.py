@@ -97,6 +97,11 @@ def main() -> None:
                 "layout_rewrite": session.get("layout_rewrite"),
                 "onnxruntime_p50_ms": round(ort, 4), "untuned_p50_ms": round(untuned, 4), "tuned_p50_ms": round(tuned, 4),
                 "tuned_over_onnxruntime": round(tuned / ort, 3), "untuned_over_tuned": round(untuned / tuned, 2),
+                # The sum of the tuned kernels' best times (what the session saw), and the trials that
+                # replayed a sibling task's best schedule (host/tuning/siblings.py) over all its runs.
+                "estimated_ms": result.estimated_latency_ms,
+                "carried_to_siblings": {k: sum(int((r.get("carried_to_siblings") or {}).get(k, 0))
+                                               for r in session.get("runs", [])) for k in ("trials", "improved")},
                 "max_abs_err": {"tuned": measured.tuned.max_abs_err, "onnxruntime": measured.onnxruntime.max_abs_err},
                 "target": target,
             })

@@ -99,7 +99,8 @@ def latency_or_none(value: Any) -> float | None:
 @dataclasses.dataclass
 class Trial:
     """One trial of a session: a line of ``history.jsonl``. ``latency_us`` is ``None`` for a failed trial
-    (``error`` then says why); ``elapsed_s`` counts the session's tuning time, all runs together."""
+    (``error`` then says why); ``elapsed_s`` counts the session's tuning time, all runs together;
+    ``carried_from`` names the sibling task whose best schedule the trial replayed (written only then)."""
 
     trial: int
     task: int
@@ -110,13 +111,17 @@ class Trial:
     board: str | None = None
     elapsed_s: float | None = None
     time: str | None = None
+    carried_from: str | None = None
 
     @property
     def failed(self) -> bool:
         return self.latency_us is None
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["carried_from"] is None:
+            del data["carried_from"]
+        return data
 
     @classmethod
     def from_dict(cls, entry: Any, number: int) -> "Trial | None":
@@ -139,6 +144,7 @@ class Trial:
             board=str(entry["board"]) if entry.get("board") is not None else None,
             elapsed_s=elapsed,
             time=str(entry["time"]) if entry.get("time") is not None else None,
+            carried_from=str(entry["carried_from"]) if entry.get("carried_from") is not None else None,
         )
 
 

@@ -199,7 +199,7 @@ def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_lo
         carried = result.carried_to_siblings
         if carried.get("trials"):
             click.echo(f"sibling tasks (one kernel, another epilogue): {carried['trials']} trials replayed a "
-                       f"sibling's best schedule, {carried['improved']} of them became the task's best")
+                       f"sibling's best schedule, {carried['improved']} of them beat the task's best so far")
     if result.message:
         click.echo(result.message, err=True)
     if result.status is Status.INTERRUPTED:

@@ -133,7 +133,7 @@ class _Progress:
             result.count(latency_us, self.trial)
             trials.append(Trial(trial=self.trial, task=task_index, task_name=result.name, latency_us=latency_us,
                                 gflops=gflops(result.flops, latency_us), error=error, board=board,
-                                elapsed_s=elapsed, time=now))
+                                elapsed_s=elapsed, time=now, carried_from=carried_from))
         self.log.append_history(trials)
         self.on_event({
             "event": "trials", "done": self.trial, "budget": self.budget, "task": result.name,

@@ -11,6 +11,9 @@ schedule is a candidate for its siblings:
 - a schedule is carried over by its *decisions*: the sibling's own design space (which inlines its own
   epilogue) is replayed with the tile sizes, compute locations, unroll and parallel choices of the
   source schedule, when the two schedule their loop nests with the same instructions (:func:`carry_over`).
+
+A schedule never changes what a kernel computes, so a pair wrongly taken for siblings costs a trial,
+never a wrong result.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ class SiblingTransfer:
         self._carried_from: dict[int, float] = {}  # task -> its best (µs) when last carried over
         self._tried: dict[int, set[int]] = defaultdict(set)  # task -> keys of schedules carried to it
         self.trials = 0
-        self.improved = 0  # carried schedules that became their task's best
+        self.improved = 0  # carried schedules that beat their task's best so far (not its first time)
 
     def spaces(self, task: int) -> list[Any]:
         if task not in self._spaces:
@@ -180,5 +183,5 @@ class SiblingTransfer:
                 return
             self.trials += 1
             after = self.best_us()[sibling]
-            if after is not None and (before is None or after < before):
+            if before is not None and after is not None and after < before:
                 self.improved += 1

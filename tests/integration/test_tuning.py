@@ -373,6 +373,8 @@ def test_a_new_best_schedule_is_carried_over_to_its_sibling_task(tuning_bed, tmp
     sibling = next(c for c in convs if c != first)
     assert history[after]["task"] == sibling and history[after]["elapsed_s"] != history[after + 1]["elapsed_s"]
     assert history[after]["latency_us"] is not None
+    assert history[after]["carried_from"] == session["tasks"][first]["name"]
+    assert sum(1 for e in history if e.get("carried_from")) == carried["trials"]
     end = json.loads(out.stdout.strip().splitlines()[-1])
     assert end["event"] == "end" and end["carried_to_siblings"] == carried
     events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
