@@ -37,7 +37,7 @@ from ..logs.tuninglog import TuningLog, write_json_atomic
 from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
 from ..tuning.tasks import Task, compile_tuned, extract_tasks, log_layout_rewrite
-from ..tuning.timing import weights_leave_the_caches
+from ..tuning.timing import log_times_cold
 
 logger = logging.getLogger(__name__)
 
@@ -278,8 +278,8 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
     tuned = sum(1 for c in coverage if c.tuned)
     untuned = [t for t, c in zip(tasks, coverage) if not c.tuned]
     # The store's records are ranked among those timed as this model's session would time them.
-    cold_weights = (bool(log.session.get("cold_weights")) if log is not None and log.record_count()
-                    else weights_leave_the_caches(model.weight_bytes, board))
+    cold_weights = log_times_cold(log.session if log is not None else {}, log is not None and log.record_count() > 0,
+                                  model.weight_bytes, board)
     stored, from_store = _from_store(untuned, target, schedules, use_schedules, cold_weights)
     say(f"{tuned} of {len(tasks)} tasks tuned in the log"
         + (f", {len(from_store)} from the schedule store" if from_store else "") + "; default schedules for the rest")

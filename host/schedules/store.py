@@ -342,7 +342,7 @@ class StoredRecord:
 
     @property
     def args_info(self) -> list[Any]:
-        return self.record[3] if len(self.record) > 3 else []
+        return _args_info(self.record)
 
 
 @dataclass
@@ -463,7 +463,7 @@ class ScheduleStore:
                 continue
             klass = cpu_class(record[2])
             classes.add(klass)
-            timing = kernel_timing(cold_weights, record[3] if len(record) > 3 else [])
+            timing = kernel_timing(cold_weights, _args_info(record))
             stored.append(StoredRecord(digests[index], klass, record, _mean_us(record[1]), source, timing))
         added = self.add_records(stored)
         return ImportResult(source, sum(d is not None for d in digests), len(stored), added, sorted(classes))
@@ -518,10 +518,9 @@ class ScheduleStore:
         """The fastest measured records of the workloads ``digests`` (structurally equal ones: one kernel)
         timed the way a session timing ``cold_weights`` times that kernel; the other timing's only when the
         store has none of these (a time is compared with times taken the same way only)."""
-        first = self.records(klass, digests, measured_only=True, limit=1)
-        if not first:
+        wanted = self._timing_of(klass, digests, cold_weights)
+        if wanted is None:
             return []
-        wanted = kernel_timing(cold_weights, first[0].args_info)
         return (self.records(klass, digests, measured_only=True, limit=limit, timing=wanted)
                 or self.records(klass, digests, measured_only=True, limit=limit))
 
@@ -584,6 +583,12 @@ class ScheduleStore:
             raise
         return len(stored)
 
+    def _timing_of(self, klass: str, digests: Sequence[str], cold_weights: bool) -> str | None:
+        """How a session timing ``cold_weights`` times the kernel of ``digests`` (from the arguments of one of
+        its measured records); None when the class has no measured record of it."""
+        first = self.records(klass, digests, measured_only=True, limit=1)
+        return kernel_timing(cold_weights, first[0].args_info) if first else None
+
     def best_record(self, target: Any, mod: Any, cold_weights: bool = True) -> StoredRecord | None:
         """The fastest measured record of workload ``mod`` on ``target``'s CPU class, None if the store has
         none: of the timing a session timing ``cold_weights`` gives the kernel, when the store has it (by
@@ -604,8 +609,7 @@ class ScheduleStore:
         for best in self.best_by_workload(klass):
             if best.best_us is None or len(seeds) >= limit:
                 continue
-            first = self.records(klass, [best.digest], measured_only=True, limit=1)
-            wanted = kernel_timing(cold_weights, first[0].args_info)
+            wanted = self._timing_of(klass, [best.digest], cold_weights)
             workload = self.workload(best.digest)
             for stored in self.records(klass, [best.digest], measured_only=True, timing=wanted,
                                        limit=min(per_workload, limit - len(seeds))):
@@ -634,6 +638,11 @@ def _task_names(session: dict[str, Any]) -> dict[str, str]:
     tasks = session.get("tasks")
     return {str(t["workload_hash"]): str(t["name"]) for t in tasks if isinstance(t, dict)
             and t.get("workload_hash") and t.get("name")} if isinstance(tasks, list) else {}
+
+
+def _args_info(record: list[Any]) -> list[Any]:
+    """The argument shapes of a record in stock TuningRecord JSON (``[trace, run_secs, target, args_info]``)."""
+    return record[3] if len(record) > 3 else []
 
 
 def _mean_us(run_secs: Any) -> float | None:
@@ -678,7 +687,7 @@ def _make_database_class():
         def commit_tuning_record(self, record: Any) -> None:
             plain = record_json(record)
             klass = cpu_class(plain[2]) if len(plain) > 2 and plain[2] else self.cpu_class
-            timing = kernel_timing(self.cold_weights, plain[3] if len(plain) > 3 else [])
+            timing = kernel_timing(self.cold_weights, _args_info(plain))
             self.store.add_records([StoredRecord(self._digest_of(record.workload), klass, plain,
                                                  _mean_us(plain[1]), self.source, timing)])
 

@@ -32,7 +32,7 @@ from ..toolchain import check_target, toolchain_for
 from ..tracker.client import TrackerAddr, servers_of_key, tracker_summary
 from .strategy import STRATEGIES
 from .tasks import Task, extract_tasks, log_layout_rewrite
-from .timing import board_llc_kib, weights_leave_the_caches
+from .timing import board_llc_kib, log_times_cold
 
 logger = logging.getLogger(__name__)
 
@@ -276,9 +276,7 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
             seed_records = list(TuningLog.open(options.from_log).database().get_all_tuning_records())
         boards = _check_boards(options.tracker, options.key)
         done_before = log.record_count()
-        # A resumed log keeps how it was timed; one from before this was recorded was timed hot.
-        cold_weights = bool(log.session.get("cold_weights", False) if done_before
-                            else options.cold_weights and weights_leave_the_caches(model.weight_bytes, board))
+        cold_weights = log_times_cold(log.session, done_before > 0, model.weight_bytes, board, options.cold_weights)
         store = _open_store(options)
         if store is not None and not options.from_log and done_before == 0:
             seed_records = store.seed_records(target, cold_weights)
@@ -554,8 +552,6 @@ def _measure_once(run: _Run, search: _Search, runner: Any, mod: Any,
 
 def _replay(seed_best: dict[int, Any], run: _Run, search: _Search) -> int:
     """Measure the seed log's best schedule of each task on this board first (they count as trials)."""
-    from tvm.s_tir.meta_schedule.database import TuningRecord
-
     from ..schedules.store import rebind
 
     replayed = 0
@@ -571,13 +567,23 @@ def _replay(seed_best: dict[int, Any], run: _Run, search: _Search) -> int:
             logger.debug("seed record does not apply: %s", err)
             run.budget.remaining += 1
             continue
-        run_secs, error, board = _measure_once(run, search, search.runner, candidate.sch.mod, candidate.args_info)
-        search.database.commit_tuning_record(TuningRecord(candidate.sch.trace, workload, run_secs, search.tvm_target,
-                                                          candidate.args_info))
-        latency = None if error else mean_run_secs(run_secs)
-        run.progress.record(idx, [(latency, error, board)])
+        _trial(run, search, idx, workload, candidate.sch, candidate.args_info)
         replayed += 1
     return replayed
+
+
+def _trial(run: _Run, search: _Search, task: int, workload: Any, sch: Any, args_info: Any,
+           carried_from: str | None = None) -> tuple[list[float] | None, float | None]:
+    """Measure schedule ``sch`` of ``task`` on a board outside MetaSchedule's loop, as a trial of the task:
+    its record into the log's database (under ``workload``), its line into the history. (run times,
+    mean latency in seconds or None when it failed)."""
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    run_secs, error, board = _measure_once(run, search, search.runner, sch.mod, args_info)
+    search.database.commit_tuning_record(TuningRecord(sch.trace, workload, run_secs, search.tvm_target, args_info))
+    latency = None if error else mean_run_secs(run_secs)
+    run.progress.record(task, [(latency, error, board)], carried_from=carried_from)
+    return run_secs, latency
 
 
 def _search(run: _Run, search: _Search) -> None:
@@ -599,12 +605,13 @@ def _search(run: _Run, search: _Search) -> None:
         def best_us() -> list[float | None]:
             return [r.best_us for r in run.progress.results]
 
+        flops = None  # "time-share": trials by the model's time alone, no sibling transfer
         if run.options.scheduler == "weighted":
+            flops = [t.flops for t in run.tasks]
             search.siblings = SiblingTransfer(search.contexts, search.database, best_us,
                                               lambda task, sch, key, source: _measure_carried(run, search, task, sch, key,
                                                                                               source))
-        scheduler = WeightedScheduler(best_us, search.weights,
-                                      [t.flops for t in run.tasks] if run.options.scheduler == "weighted" else None,
+        scheduler = WeightedScheduler(best_us, search.weights, flops,
                                       search.siblings.after_batch if search.siblings is not None else None)
     ms.tune_tasks(
         tasks=search.contexts, task_weights=search.weights, work_dir=str(run.log.path),
@@ -622,7 +629,6 @@ def _measure_carried(run: _Run, search: _Search, task: int, sch: Any, key: int, 
     the history and the cost model, and marked measured for the task's search. False when the budget is
     spent."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-    from tvm.s_tir.meta_schedule.database import TuningRecord
     from tvm.s_tir.meta_schedule.runner import RunnerResult
     from tvm.s_tir.meta_schedule.search_strategy import MeasureCandidate
 
@@ -630,11 +636,8 @@ def _measure_carried(run: _Run, search: _Search, task: int, sch: Any, key: int, 
         return False
     context = search.contexts[task]
     args_info = ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
-    run_secs, error, board = _measure_once(run, search, search.runner, sch.mod, args_info)
-    workload = search.database.commit_workload(context.mod)
-    search.database.commit_tuning_record(TuningRecord(sch.trace, workload, run_secs, search.tvm_target, args_info))
-    latency = None if error else mean_run_secs(run_secs)
-    run.progress.record(task, [(latency, error, board)], carried_from=run.tasks[source].name)
+    run_secs, latency = _trial(run, search, task, search.database.commit_workload(context.mod), sch, args_info,
+                               carried_from=run.tasks[source].name)
     if latency is not None and run.options.strategy == "xgb":
         search.cost_model.update(context, [MeasureCandidate(sch, args_info)],
                                  [RunnerResult([float(s) for s in run_secs], None)])

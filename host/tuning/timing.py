@@ -49,3 +49,13 @@ def weights_leave_the_caches(weight_bytes: int, board: dict[str, Any] | None) ->
     boards do (a Raspberry Pi 4 has 1 MiB)."""
     llc_kib = board_llc_kib(board)
     return llc_kib <= 0 or weight_bytes > llc_kib * 1024
+
+
+def log_times_cold(session: dict[str, Any], has_records: bool, weight_bytes: int, board: dict[str, Any] | None,
+                   cold_weights: bool = True) -> bool:
+    """Whether a tuning log times its large kernels cold (its session's ``cold_weights``): a log with
+    records keeps what it recorded (hot when it is from before the choice was recorded); a new one times
+    them cold when ``cold_weights`` asks for it and the model's weights leave the board's caches."""
+    if has_records:
+        return bool(session.get("cold_weights", False))
+    return cold_weights and weights_leave_the_caches(weight_bytes, board)
