@@ -6,8 +6,8 @@ instead, timed on the board itself) and against TVM's default build, all measure
 Prints JSON: per model the p50 of ONNX Runtime, untuned and tuned, the ratios, and the trials and
 minutes the tuning took. The tuning logs are kept (``--logs``, default ``~/.cache/edgetune/bench-logs``)
 under a name of model, trials and variant, so a rerun measures again without tuning again.
-``--no-layout-rewrite``, ``--hot-weights`` and ``--scheduler gradient|time-share`` tune the A/B variants of those
-levers.
+``--layout NCHW`` (the model's own layout, as edgetune tuned before NHWC), ``--no-layout-rewrite``,
+``--hot-weights`` and ``--scheduler gradient|time-share`` tune the A/B variants of those levers.
 Timings are taken only while nothing else is built: tuning first, then the builds, then the timings.
 """
 
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from _bed import local_board
+from host.tuning.layout import DEFAULT as DEFAULT_LAYOUT, LAYOUTS
 
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
@@ -35,6 +36,8 @@ def model_path(name: str) -> str:
 
 def variant_name(args) -> str:
     parts = []
+    if args.layout != DEFAULT_LAYOUT:
+        parts.append(args.layout.lower())
     if args.no_layout_rewrite:
         parts.append("nolr")
     if args.hot_weights:
@@ -53,6 +56,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50, help="timed runs of each build")
     parser.add_argument("--logs", default=str(Path.home() / ".cache" / "edgetune" / "bench-logs"),
                         help="where the tuning logs are kept (reused by a rerun)")
+    parser.add_argument("--layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
+                        help="A/B: the convolutions' data layout (NCHW: the model's own)")
     parser.add_argument("--no-layout-rewrite", action="store_true", help="A/B: tune without weight repacking")
     parser.add_argument("--scheduler", default="weighted", choices=("weighted", "time-share", "gradient"),
                         help="A/B: trials by the model's time alone (time-share), or MetaSchedule's gradient "
@@ -80,7 +85,8 @@ def main() -> None:
             result = run_session(TuneOptions(model=model, key=bed["key"], trials=args.trials, log_dir=str(log_dir),
                                              tracker=bed["tracker"], target=target, board=profile.as_dict(),
                                              seed=args.seed,
-                                             layout_rewrite=not args.no_layout_rewrite, scheduler=args.scheduler,
+                                             layout_rewrite=not args.no_layout_rewrite, layout=args.layout,
+                                             scheduler=args.scheduler,
                                              cold_weights=not args.hot_weights,
                                              # Cold sessions: a store would seed one variant from another.
                                              use_schedules=False))
@@ -94,7 +100,7 @@ def main() -> None:
                 "model": Path(model).stem, "variant": variant_name(args), "trials": result.trials_done,
                 "tuning_minutes": round(float(session.get("elapsed_s", tuned_now)) / 60, 2),
                 "tuned_this_run": result.trials_this_run > 0, "log": str(log_dir),
-                "layout_rewrite": session.get("layout_rewrite"),
+                "layout_rewrite": session.get("layout_rewrite"), "layout": session.get("layout"),
                 "onnxruntime_p50_ms": round(ort, 4), "untuned_p50_ms": round(untuned, 4), "tuned_p50_ms": round(tuned, 4),
                 "tuned_over_onnxruntime": round(tuned / ort, 3), "untuned_over_tuned": round(untuned / tuned, 2),
                 # The sum of the tuned kernels' best times (what the session saw), and the trials that

@@ -36,6 +36,7 @@ from ..logs.results import TaskResult, estimated_latency_ms, tally_records
 from ..logs.tuninglog import TuningLog, write_json_atomic
 from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
+from ..tuning.layout import DEFAULT as DEFAULT_LAYOUT, log_layout
 from ..tuning.tasks import Task, compile_tuned, extract_tasks, log_layout_rewrite
 from ..tuning.timing import log_times_cold
 
@@ -273,7 +274,8 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
     say("extracting tasks")
     tuned_db = log.database() if log is not None else ms.database.MemoryDatabase()
     layout_rewrite = log_layout_rewrite(log.session, log.record_count() > 0) if log is not None else True
-    tasks = extract_tasks(model.mod, target, layout_rewrite)
+    layout = log_layout(log.session, log.record_count() > 0) if log is not None else DEFAULT_LAYOUT
+    tasks = extract_tasks(model.mod, target, layout_rewrite, layout)
     coverage = task_coverage(tuned_db, tasks)
     tuned = sum(1 for c in coverage if c.tuned)
     untuned = [t for t, c in zip(tasks, coverage) if not c.tuned]
@@ -290,7 +292,7 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
 
     say("compiling the model")
     try:
-        executable = compile_tuned(database, model.mod, tvm_target, layout_rewrite)
+        executable = compile_tuned(database, model.mod, tvm_target, layout_rewrite, layout)
     except Exception as err:  # noqa: BLE001 - report TVM's failure in one line
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         raise EdgetuneError(f"compiling {model.name} failed: {(lines[-1] if lines else type(err).__name__)[:300]}") from None
@@ -324,7 +326,7 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
                          "log": str(Path(log_dir).resolve()) if log_dir else None},
             "estimated_latency_ms": result.estimated_latency_ms, "toolchain": toolchain.compiler,
             "host_check": host_check,
-            "layout_rewrite": layout_rewrite,
+            "layout_rewrite": layout_rewrite, "layout": layout,
         }
         write_json_atomic(staging / "build.json", info)
         # Replace OUT's files only now that everything is written.

@@ -85,8 +85,8 @@ class _Display:
         if kind == "start":
             verb = "resuming" if event["resumed"] else "tuning"
             click.echo(f"{verb} {event['model']} on key {event['key']!r} ({event['boards']} board(s)): "
-                       f"{event['tasks']} tasks, budget {event['budget']} trials, {event['done']} done; "
-                       f"log {event['log']}", err=True)
+                       f"{event['tasks']} tasks ({event.get('layout', 'NCHW')}), budget {event['budget']} trials, "
+                       f"{event['done']} done; log {event['log']}", err=True)
             from .timing import COLD_ABOVE_BYTES
 
             cache = f"{event['llc_kib']} KiB" if event.get("llc_kib") else "not known"

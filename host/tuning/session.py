@@ -31,6 +31,7 @@ from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
 from ..tracker.client import TrackerAddr, servers_of_key, tracker_summary
 from .strategy import STRATEGIES
+from .layout import DEFAULT as DEFAULT_LAYOUT, log_layout
 from .tasks import Task, extract_tasks, log_layout_rewrite
 from .timing import board_llc_kib, log_times_cold
 
@@ -60,6 +61,7 @@ class TuneOptions:
     no_board_deadline_sec: float | None = None
     seed: int | None = None
     layout_rewrite: bool = True  # kernel form of a new log (a resumed log keeps its own)
+    layout: str = DEFAULT_LAYOUT  # the convolutions' data layout in a new log (a resumed log keeps its own)
     # "weighted" (scheduler.next_task), "time-share" (the same without the kernels' room to improve), or
     # "gradient" (MetaSchedule's own, with budget / tasks trials per batch): the last two for A/Bs.
     scheduler: str = "weighted"
@@ -281,7 +283,8 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
         if store is not None and not options.from_log and done_before == 0:
             seed_records = store.seed_records(target, cold_weights)
         layout_rewrite = log_layout_rewrite(log.session, done_before > 0, options.layout_rewrite)
-        tasks = extract_tasks(model.mod, target, layout_rewrite)
+        layout = log_layout(log.session, done_before > 0, options.layout)
+        tasks = extract_tasks(model.mod, target, layout_rewrite, layout)
         if not tasks:
             raise EdgetuneError(f"{model.name} has no kernels to tune for this target")
         earlier = log.trials()
@@ -295,7 +298,7 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
         "model": model.describe(), "key": options.key, "target": target, "board": board,
         "strategy": options.strategy, "budget": options.trials, "trials_done": done_before,
         "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
-        "layout_rewrite": layout_rewrite, "cold_weights": cold_weights,
+        "layout_rewrite": layout_rewrite, "layout": layout, "cold_weights": cold_weights,
     })
     session.setdefault("runs", [])
     _close_killed_runs(session["runs"], earlier, done_before)
@@ -364,7 +367,7 @@ def _open_run(run: _Run, emit: Callable[[Event], None]) -> None:
     emit({"event": "start", "model": run.model.name, "key": run.options.key, "target": run.target,
           "tasks": len(run.tasks), "budget": run.options.trials, "done": run.done_before, "boards": run.boards,
           "resumed": run.done_before > 0, "log": str(run.log.path), "cold_weights": run.session["cold_weights"],
-          "weight_mb": round(run.model.weight_bytes / 1e6, 1),
+          "layout": run.session["layout"], "weight_mb": round(run.model.weight_bytes / 1e6, 1),
           "llc_kib": board_llc_kib(run.board)})
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..logs.format import workload_key  # the key a tuning log gives a workload; re-exported for tuning
+from .layout import DEFAULT as DEFAULT_LAYOUT, convert_layout
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,11 @@ class Task:
                 "workload_hash": self.workload_hash}
 
 
-def lower_for_tuning(mod, target, layout_rewrite: bool = True):
-    """The Relax module at the point where the tuning log is applied: library dispatch, LegalizeOps,
-    AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR. Extracting tasks from the same form the
-    build applies the log to keeps the tuning log's workloads and the build's kernels identical.
+def lower_for_tuning(mod, target, layout_rewrite: bool = True, layout: str = DEFAULT_LAYOUT):
+    """The Relax module at the point where the tuning log is applied: the convolutions in ``layout``
+    (see :mod:`.layout`), library dispatch, LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps,
+    FuseTIR. Extracting tasks from the same form the build applies the log to keeps the tuning log's
+    workloads and the build's kernels identical.
 
     With ``layout_rewrite``, kernels are marked with the buffers that hold weights
     (``AttachAttrLayoutFreeBuffers``), so MetaSchedule's ``RewriteLayout`` may repack a weight into
@@ -55,10 +57,10 @@ def lower_for_tuning(mod, target, layout_rewrite: bool = True):
         *([relax.transform.AttachAttrLayoutFreeBuffers()] if layout_rewrite else []),
     ])
     with target, tvm.transform.PassContext(opt_level=3):
-        return seq(mod)
+        return seq(convert_layout(mod, layout))
 
 
-def compile_tuned(database, mod, target, layout_rewrite: bool = True):
+def compile_tuned(database, mod, target, layout_rewrite: bool = True, layout: str = DEFAULT_LAYOUT):
     """Compile ``mod`` with the schedules of ``database`` applied; returns a Relax VM executable.
 
     MetaSchedule's ``compile_relax`` with the weight repacking of TVM's ``static_shape_tuning``
@@ -72,7 +74,7 @@ def compile_tuned(database, mod, target, layout_rewrite: bool = True):
 
     @tvm.transform.module_pass(opt_level=3)
     def _pipeline(mod, _ctx):
-        mod = lower_for_tuning(mod, target, layout_rewrite)
+        mod = lower_for_tuning(mod, target, layout_rewrite, layout)
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         if layout_rewrite:
             mod = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
@@ -93,15 +95,16 @@ def log_layout_rewrite(session: dict[str, Any], has_records: bool, wanted: bool 
     return False if has_records else wanted
 
 
-def extract_tasks(mod, target_dict: dict[str, Any], layout_rewrite: bool = True) -> list[Task]:
+def extract_tasks(mod, target_dict: dict[str, Any], layout_rewrite: bool = True,
+                  layout: str = DEFAULT_LAYOUT) -> list[Task]:
     """The model's tuning tasks for ``target_dict``, most expected benefit (FLOPs x weight) first;
-    ``layout_rewrite``: the kernel form (see :func:`lower_for_tuning`)."""
+    ``layout_rewrite`` and ``layout``: the kernel form (see :func:`lower_for_tuning`)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
     target = tvm.target.Target(target_dict)
-    lowered = lower_for_tuning(mod, target, layout_rewrite)
+    lowered = lower_for_tuning(mod, target, layout_rewrite, layout)
     extracted = ms.relax_integration.extract_tasks(lowered, target)
     tasks = []
     for task in extracted:

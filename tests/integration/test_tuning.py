@@ -310,7 +310,7 @@ def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_t
     from host.tuning.scheduler import batch_sizes
 
     session, history = session_of(cold_log["dir"]), history_of(cold_log["dir"])
-    assert session["layout_rewrite"] is True
+    assert session["layout_rewrite"] is True and session["layout"] == "NHWC"
     # Timed cold only when the weights do not fit in the board's last-level cache (the agent says its
     # size; tiny_cnn's 180 kB fit in any this machine has).
     from device_agent.probe import read_llc_kib
