@@ -108,6 +108,30 @@ def make_record(options: ServeOptions, rpc_port: int, profile, board: str) -> Bo
     )
 
 
+def stop_handler(agent_pid: int, server: Callable[[], object | None], on_event: Callable[[str], None]):
+    """The agent's SIGTERM/SIGINT handler: stop the server (``server()``, once it exists), or interrupt
+    the set-up before it does.
+
+    A session process is forked from the agent and runs this handler too until it has set its own
+    (a session stopped at once, e.g. by a timeout of 1e-300 s, gets the signal in that moment): there it
+    must not stop the agent's server, whose session object it cannot stop and which printed a
+    traceback; it ends by the signal, as it would without a handler."""
+
+    def _stop(signum, _frame) -> None:
+        if os.getpid() != agent_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        on_event(f"stopping ({signal.Signals(signum).name})")
+        running = server()
+        if running is not None:
+            running.stop()
+        else:
+            raise KeyboardInterrupt
+
+    return _stop
+
+
 def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
     """Run the board until SIGTERM/SIGINT. Raises :class:`AgentError` on bad options or set-up failures."""
     from . import ort_bench, probe
@@ -122,14 +146,8 @@ def serve(options: ServeOptions, on_event: Callable[[str], None]) -> None:
     zc = locator = advertiser = None
     server: RPCAgentServer | None = None
 
-    def _stop(signum, _frame) -> None:
-        on_event(f"stopping ({signal.Signals(signum).name})")
-        if server is not None:
-            server.stop()
-        else:
-            raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, stop_handler(os.getpid(), lambda: server, on_event))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         profile = probe.read_profile()
         record = make_record(options, port, profile, board_id(config.rpc_state_dir(store), legacy_store=store))
