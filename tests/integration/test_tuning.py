@@ -219,7 +219,9 @@ def test_from_log_starts_with_trained_model_and_a_good_first_batch(cold_log, tun
     warm_first = {h["task"]: h["latency_us"] for h in history_of(log_dir)[:tasks] if h["latency_us"] is not None}
     common = sorted(set(cold_first) & set(warm_first))
     assert len(common) >= tasks - 1
-    assert sum(warm_first[t] for t in common) <= 1.15 * sum(cold_first[t] for t in common)
+    # Per task, so that one kernel of a few microseconds timed in a noisy moment does not decide it.
+    ratios = sorted(warm_first[t] / cold_first[t] for t in common)
+    assert ratios[len(ratios) // 2] <= 1.15, ratios
 
 
 def test_bad_inputs_give_one_line_errors(tuning_bed, tmp_path):
@@ -342,7 +344,14 @@ def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_t
             best[b[0]["task"]] = min(measured)
     weight = {t["index"]: t["weight"] for t in tasks}
     unmeasured = [t["index"] for t in tasks if t["index"] not in best]  # retried before anything else
-    heaviest = max(best, key=lambda i: weight[i] * best[i])
+    # The largest claim: weight x best latency, counted up to twice for a kernel below the model's best
+    # FLOP rate (scheduler.room).
+    from host.tuning.scheduler import ROOM_WEIGHT
+
+    flops = {t["index"]: t["flops"] for t in tasks}
+    rates = {i: flops[i] / best[i] for i in best if flops[i] > 0}
+    top = max(rates.values())
+    heaviest = max(best, key=lambda i: (weight[i] * best[i] * (1 + ROOM_WEIGHT * (1 - rates.get(i, top) / top)), -i))
     assert batches[len(tasks)][0]["task"] == (unmeasured[0] if unmeasured else heaviest)
 
 
