@@ -104,7 +104,7 @@ def scalar_bounds_as_ops(mod: Any) -> Any:
             if isinstance(callee, relax.GlobalVar) and callee.name_hint in kinds \
                     and isinstance(call.args[1], relax.Tuple) and len(call.args[1].fields) == 2:
                 bound, data = sorted(call.args[1].fields, key=lambda arg: arg.ty.ndim)
-                if bound.ty.ndim == 0 and data.ty.ndim > 0:
+                if bound.ty.ndim == 0 and data.ty.ndim > 0 and bound.ty.dtype == data.ty.dtype:
                     return ops[kinds[callee.name_hint]](data, bound)
             return call
 
