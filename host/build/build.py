@@ -273,15 +273,15 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
 
     say("extracting tasks")
     tuned_db = log.database() if log is not None else ms.database.MemoryDatabase()
-    layout_rewrite = log_layout_rewrite(log.session, log.record_count() > 0) if log is not None else True
-    layout = log_layout(log.session, log.record_count() > 0) if log is not None else DEFAULT_LAYOUT
+    has_records = log is not None and log.record_count() > 0
+    layout_rewrite = log_layout_rewrite(log.session, has_records) if log is not None else True
+    layout = log_layout(log.session, has_records) if log is not None else DEFAULT_LAYOUT
     tasks = extract_tasks(model.mod, target, layout_rewrite, layout)
     coverage = task_coverage(tuned_db, tasks)
     tuned = sum(1 for c in coverage if c.tuned)
     untuned = [t for t, c in zip(tasks, coverage) if not c.tuned]
     # The store's records are ranked among those timed as this model's session would time them.
-    cold_weights = log_times_cold(log.session if log is not None else {}, log is not None and log.record_count() > 0,
-                                  model.weight_bytes, board)
+    cold_weights = log_times_cold(log.session if log is not None else {}, has_records, model.weight_bytes, board)
     stored, from_store = _from_store(untuned, target, schedules, use_schedules, cold_weights)
     say(f"{tuned} of {len(tasks)} tasks tuned in the log"
         + (f", {len(from_store)} from the schedule store" if from_store else "") + "; default schedules for the rest")
