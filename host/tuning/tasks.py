@@ -77,8 +77,13 @@ def compile_tuned(database, mod, target, layout_rewrite: bool = True, layout: st
         mod = lower_for_tuning(mod, target, layout_rewrite, layout)
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         if layout_rewrite:
+            # Folding leaves each kernel's repacked weights as a tuple of constants taken apart at
+            # every run (a tuple, two lookups and a release per kernel in the VM): the kernels are
+            # called with the constants themselves, and the tuples go.
             mod = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
-                                            relax.transform.FoldConstant()])(mod)
+                                            relax.transform.FoldConstant(),
+                                            relax.transform.CanonicalizeBindings(),
+                                            relax.transform.DeadCodeElimination()])(mod)
         return tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target)
                                         + cpu_pipeline.finalize_passes(target))(mod)
 
