@@ -4,7 +4,8 @@ instead, timed on the board itself) and against TVM's default build, all measure
     python bench/latency.py --models tiny_cnn,mobilenet_v2,resnet18 --trials 500
 
 Prints JSON: per model the p50 of ONNX Runtime, untuned and tuned, the ratios, and the trials and
-minutes the tuning took. The tuning logs are kept (``--logs``, default ``~/.cache/edgetune/bench-logs``)
+minutes the tuning took. The builds are timed in ``--rounds`` alternating rounds; the ratio to ONNX
+Runtime is the median of the rounds' (each is listed too). The tuning logs are kept (``--logs``, default ``~/.cache/edgetune/bench-logs``)
 under a name of model, trials and variant, so a rerun measures again without tuning again.
 ``--layout NCHW`` (the model's own layout, as edgetune tuned before NHWC), ``--no-layout-rewrite``,
 ``--hot-weights`` and ``--scheduler gradient|time-share`` tune the A/B variants of those levers.
@@ -53,7 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny_cnn", help="comma-separated models (shared/models names or paths)")
     parser.add_argument("--trials", type=int, default=64, help="tuning budget per model")
-    parser.add_argument("--runs", type=int, default=50, help="timed runs of each build")
+    parser.add_argument("--runs", type=int, default=100, help="timed runs of each build, in all")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds the runs are split into, alternating the builds (the ratio is their median)")
     parser.add_argument("--logs", default=str(Path.home() / ".cache" / "edgetune" / "bench-logs"),
                         help="where the tuning logs are kept (reused by a rerun)")
     parser.add_argument("--layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
@@ -92,7 +95,8 @@ def main() -> None:
                                              use_schedules=False))
             tuned_now = time.monotonic() - started
             session = TuningLog.open(log_dir).session
-            measured = bench(model, bed["key"], bed["tracker"], log_dir=str(log_dir), runs=args.runs)
+            measured = bench(model, bed["key"], bed["tracker"], log_dir=str(log_dir), runs=args.runs,
+                             rounds=args.rounds)
             if measured.onnxruntime is None or measured.tuned is None or measured.untuned is None:
                 raise SystemExit(f"{model}: incomplete measurement: {measured.notes}")
             ort, tuned, untuned = measured.onnxruntime.p50_ms, measured.tuned.p50_ms, measured.untuned.p50_ms
@@ -102,7 +106,10 @@ def main() -> None:
                 "tuned_this_run": result.trials_this_run > 0, "log": str(log_dir),
                 "layout_rewrite": session.get("layout_rewrite"), "layout": session.get("layout"),
                 "onnxruntime_p50_ms": round(ort, 4), "untuned_p50_ms": round(untuned, 4), "tuned_p50_ms": round(tuned, 4),
-                "tuned_over_onnxruntime": round(tuned / ort, 3), "untuned_over_tuned": round(untuned / tuned, 2),
+                # Median of the rounds' ratios (each round times both builds within seconds).
+                "tuned_over_onnxruntime": round(measured.onnxruntime_ratio, 3),
+                "rounds_tuned_over_onnxruntime": [round(r["tuned"] / r["onnxruntime"], 3) for r in measured.rounds],
+                "untuned_over_tuned": round(untuned / tuned, 2),
                 # The sum of the tuned kernels' best times (what the session saw), and the trials that
                 # replayed a sibling task's best schedule (host/tuning/siblings.py) over all its runs.
                 "estimated_ms": result.estimated_latency_ms,

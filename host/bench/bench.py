@@ -7,6 +7,10 @@ same input, and its output is checked like the builds'. Both builds are uploaded
 time evaluator: warm-up runs, then ``runs`` single timed runs, giving p50/p90/p99 and the mean, plus
 the first-load time (upload excluded: load + VM set-up + first run). The board's output is checked
 against ONNX Runtime's on the workstation for the same input.
+
+The timings are taken in ``rounds`` that alternate the builds (tuned, ONNX Runtime, untuned, then the
+other way round), with nothing being built meanwhile: a board whose speed drifts (a shared host, a
+warming SoC) slows every build alike, and the ratio a user reads is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -34,6 +38,31 @@ from ..tracker.client import TrackerAddr, open_board_session
 logger = logging.getLogger(__name__)
 
 WARMUP_RUNS = 3
+DEFAULT_ROUNDS = 3
+
+
+def _timed_in_rounds(builds: list[tuple[str, Callable[[int], Timing | None]]], runs: int, rounds: int,
+                     say: Callable[[str], None]) -> tuple[dict[str, list[Timing]], list[dict[str, float]]]:
+    """Time each build ``runs`` times in all, in ``rounds`` rounds, the order reversed every other round
+    so that neither build always comes first. A build that cannot be timed (``None``: ONNX Runtime
+    missing on the board) is not asked again. Returns each build's timings and each round's p50s."""
+    timed: dict[str, list[Timing]] = {label: [] for label, _ in builds}
+    per_round: list[dict[str, float]] = []
+    left = dict(builds)
+    for index in range(rounds):
+        n = runs // rounds + (1 if index < runs % rounds else 0)
+        order = [label for label, _ in builds if label in left]
+        p50s: dict[str, float] = {}
+        for label in order if index % 2 == 0 else reversed(order):
+            say(f"timing {label} on the board" + (f" (round {index + 1} of {rounds})" if rounds > 1 else ""))
+            timing = left[label](n)
+            if timing is None:
+                del left[label]
+                continue
+            timed[label].append(timing)
+            p50s[label] = timing.p50_ms
+        per_round.append(p50s)
+    return timed, per_round
 
 
 @dataclass
@@ -47,9 +76,23 @@ class Timing:
     first_load_ms: float
     max_abs_err: float | None
     board: str
+    samples: list[float] = field(default_factory=list, repr=False)  # every run's milliseconds
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "samples"}
+
+    @classmethod
+    def of(cls, label: str, ms: list[float], first_load_ms: float, max_abs_err: float | None, board: str) -> "Timing":
+        return cls(label, len(ms), percentile(ms, 50), percentile(ms, 90), percentile(ms, 99), float(np.mean(ms)),
+                   first_load_ms, max_abs_err, board, list(ms))
+
+
+def pooled(rounds: list[Timing]) -> Timing:
+    """One build's timings of several rounds as one: every run's figure, the first load of the first
+    round, the largest output error of any."""
+    errors = [t.max_abs_err for t in rounds if t.max_abs_err is not None]
+    return Timing.of(rounds[0].label, [m for t in rounds for m in t.samples], rounds[0].first_load_ms,
+                     max(errors) if errors else None, rounds[0].board)
 
 
 @dataclass
@@ -62,13 +105,16 @@ class BenchResult:
     speedup: float | None = None  # untuned p50 / tuned p50
     notes: list[str] = field(default_factory=list)
     onnxruntime: Timing | None = None
+    rounds: list[dict[str, float]] = field(default_factory=list)  # each round's p50 ms per build
 
     @property
     def onnxruntime_ratio(self) -> float | None:
-        """Tuned p50 / ONNX Runtime p50 on the board: below 1 the tuned model is faster."""
+        """Tuned p50 / ONNX Runtime p50 on the board, the median of the rounds' (each round times both
+        within seconds of each other): below 1 the tuned model is faster."""
         if self.tuned is None or self.onnxruntime is None or self.onnxruntime.p50_ms <= 0:
             return None
-        return self.tuned.p50_ms / self.onnxruntime.p50_ms
+        ratios = [r["tuned"] / r["onnxruntime"] for r in self.rounds if r.get("tuned") and r.get("onnxruntime")]
+        return float(np.median(ratios)) if ratios else self.tuned.p50_ms / self.onnxruntime.p50_ms
 
     def as_dict(self) -> dict[str, Any]:
         ratio = self.onnxruntime_ratio
@@ -77,7 +123,8 @@ class BenchResult:
                 "untuned": self.untuned.as_dict() if self.untuned else None,
                 "onnxruntime": self.onnxruntime.as_dict() if self.onnxruntime else None,
                 "speedup": round(self.speedup, 3) if self.speedup else None,
-                "tuned_over_onnxruntime": round(ratio, 4) if ratio else None, "notes": self.notes}
+                "tuned_over_onnxruntime": round(ratio, 4) if ratio else None, "notes": self.notes,
+                "rounds": [{k: round(v, 4) for k, v in r.items()} for r in self.rounds]}
 
 
 def vs_onnxruntime(ratio: float, where: str = "on the board") -> str:
@@ -125,9 +172,7 @@ def time_on_board(tracker: TrackerAddr, key: str, module_path: Path, inputs: lis
                 session.remove(remote_name)
             except Exception:  # noqa: BLE001 - the session may be gone
                 pass
-    ms = [s * 1000 for s in secs]
-    return Timing(label, len(ms), percentile(ms, 50), percentile(ms, 90), percentile(ms, 99),
-                  float(np.mean(ms)), first_load_ms, err, board)
+    return Timing.of(label, [s * 1000 for s in secs], first_load_ms, err, board)
 
 
 @contextlib.contextmanager
@@ -195,9 +240,8 @@ def onnxruntime_on_board(tracker: TrackerAddr, key: str, onnx_path: Path, inputs
     err = None
     if expected is not None:
         err = max(float(np.max(np.abs(o.astype("float64") - e.astype("float64")))) for o, e in zip(got, expected))
-    ms = [float(v) for v in answer["ms"]]
-    return Timing(f"onnxruntime {answer.get('version', '')}".strip(), len(ms), percentile(ms, 50), percentile(ms, 90),
-                  percentile(ms, 99), float(np.mean(ms)), 0.0, err, board), None
+    return Timing.of(f"onnxruntime {answer.get('version', '')}".strip(), [float(v) for v in answer["ms"]], 0.0, err,
+                     board), None
 
 
 def _untuned_build(model, target: dict[str, Any], path: Path) -> None:
@@ -230,15 +274,18 @@ def bench(model_or_pkg: str, key: str, tracker: TrackerAddr, log_dir: str | None
           model: str | None = None, target: dict[str, Any] | None = None, runs: int = 50,
           input_shapes: dict[str, tuple[int, ...]] | None = None,
           on_progress: Callable[[str], None] | None = None, with_untuned: bool = True,
-          with_onnxruntime: bool = True) -> BenchResult:
+          with_onnxruntime: bool = True, rounds: int = DEFAULT_ROUNDS) -> BenchResult:
     """Benchmark a model (tuned = built with ``log_dir``) or a package (tuned = its module; untuned
-    and ONNX Runtime need the ONNX ``model``) on a board of ``key``. Raises :class:`EdgetuneError`."""
+    and ONNX Runtime need the ONNX ``model``) on a board of ``key``: ``runs`` timed runs of each build,
+    in ``rounds`` alternating rounds. Raises :class:`EdgetuneError`."""
     from ..build.build import build as run_build
     from ..logs.tuninglog import TuningLog
 
     say = on_progress or (lambda message: None)
     if runs < 1:
         raise EdgetuneError("--runs must be at least 1")
+    if not 1 <= rounds <= runs:
+        raise EdgetuneError(f"--rounds must be between 1 and --runs ({runs})")
     work = Path(tempfile.mkdtemp(prefix="edgetune-bench-"))
     notes: list[str] = []
     try:
@@ -275,23 +322,28 @@ def bench(model_or_pkg: str, key: str, tracker: TrackerAddr, log_dir: str | None
             ref_inputs, expected = reference_io(onnx_model)
             inputs = [ref_inputs[s.name] for s in onnx_model.inputs]
         check_target(target)
-        tuned = untuned = None
-        if tuned_path is not None:
-            say("timing the tuned build on the board")
-            tuned = time_on_board(tracker, key, tuned_path, inputs, expected, runs, "tuned")
         if onnx_model is not None and with_untuned:
-            say("building and timing the untuned (default) build")
+            say("building the untuned (default) build")
             _untuned_build(onnx_model, target, work / "untuned.so")
-            untuned = time_on_board(tracker, key, work / "untuned.so", inputs, expected, runs, "untuned")
-        ort = None
+        # Every build is made before the first timing: nothing is compiled while the board times.
+        builds: list[tuple[str, Callable[[int], Timing | None]]] = []
+        if tuned_path is not None:
+            builds.append(("tuned", lambda n: time_on_board(tracker, key, tuned_path, inputs, expected, n, "tuned")))
         if onnx_model is not None and with_onnxruntime:
-            say("timing ONNX Runtime on the board")
-            ort, note = onnxruntime_on_board(tracker, key, onnx_model.path,
-                                             {s.name: a for s, a in zip(onnx_model.inputs, inputs)}, expected, runs)
-            if note:
-                notes.append(note)
+            def onnxruntime(n: int) -> Timing | None:
+                timing, note = onnxruntime_on_board(tracker, key, onnx_model.path,
+                                                    {s.name: a for s, a in zip(onnx_model.inputs, inputs)}, expected, n)
+                if note:
+                    notes.append(note)
+                return timing
+            builds.append(("onnxruntime", onnxruntime))
+        if onnx_model is not None and with_untuned:
+            builds.append(("untuned", lambda n: time_on_board(tracker, key, work / "untuned.so", inputs, expected, n,
+                                                              "untuned")))
+        timed, per_round = _timed_in_rounds(builds, runs, rounds, say)
+        tuned, untuned, ort = (pooled(timed[k]) if timed.get(k) else None for k in ("tuned", "untuned", "onnxruntime"))
         speedup = untuned.p50_ms / tuned.p50_ms if (tuned and untuned and tuned.p50_ms > 0) else None
-        return BenchResult(name, key, target, tuned, untuned, speedup, notes, ort)
+        return BenchResult(name, key, target, tuned, untuned, speedup, notes, ort, per_round)
     finally:
         import shutil
 

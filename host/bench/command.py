@@ -15,12 +15,14 @@ from ..cliutil import emit, json_option, table, tracker_option
 @click.option("--model", "model", help="The ONNX model of a PACKAGE argument, for the untuned comparison.")
 @click.option("--target", "target_json", metavar="JSON", help="TVM target (default: the log's).")
 @click.option("--runs", type=int, default=50, show_default=True, help="Timed runs of each build.")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Rounds the runs are split into, alternating the builds; the ratios are the rounds' median.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDxD",
               help="Static shape of an input the model leaves symbolic (repeatable).")
 @tracker_option
 @json_option
 def bench(model_or_package: str, key: str, log_dir: str | None, model: str | None, target_json: str | None,
-          runs: int, input_shapes: tuple[str, ...], tracker: str | None, as_json: bool) -> None:
+          runs: int, rounds: int, input_shapes: tuple[str, ...], tracker: str | None, as_json: bool) -> None:
     """On-board latency (p50/p90/p99, mean, first load), tuned against untuned, and the speedup.
 
     \b
@@ -36,7 +38,7 @@ def bench(model_or_package: str, key: str, log_dir: str | None, model: str | Non
 
     result = run_bench(model_or_package, key, resolve_tracker(tracker), log_dir, model,
                        parse_target(target_json) if target_json else None, runs, parse_input_shapes(input_shapes),
-                       on_progress=None if as_json else (lambda m: click.echo(m, err=True)))
+                       on_progress=None if as_json else (lambda m: click.echo(m, err=True)), rounds=rounds)
 
     def render(r) -> str:
         rows = []
@@ -49,6 +51,8 @@ def bench(model_or_package: str, key: str, log_dir: str | None, model: str | Non
         text += "\n"
         if r.onnxruntime_ratio:
             text += f"\n{vs_onnxruntime(r.onnxruntime_ratio)} (p50) on {r.model} for key {r.key!r}"
+            if len(r.rounds) > 1:
+                text += f" (median of {len(r.rounds)} rounds)"
         if r.speedup:
             text += f"\ntuned is {r.speedup:.2f}x faster than TVM's untuned build (p50)"
         for note in r.notes:

@@ -88,14 +88,24 @@ def test_bench_reports_percentiles_and_speedup(cold_log, tuning_bed):
     assert result["onnxruntime"]["label"].startswith("onnxruntime ")  # the board's ONNX Runtime, with its version
     # The ratios come from the unrounded medians; the printed medians carry 4 decimals.
     assert result["speedup"] == pytest.approx(result["untuned"]["p50_ms"] / result["tuned"]["p50_ms"], rel=2e-3)
+    # The 20 runs of each build were taken in three rounds (7, 7, 6) alternating the builds; the ratio to
+    # ONNX Runtime is the median of the rounds' ratios.
+    rounds = result["rounds"]
+    assert len(rounds) == 3 and all(set(r) == {"tuned", "untuned", "onnxruntime"} for r in rounds), rounds
     assert result["tuned_over_onnxruntime"] == pytest.approx(
-        result["tuned"]["p50_ms"] / result["onnxruntime"]["p50_ms"], rel=2e-3)
+        float(np.median([r["tuned"] / r["onnxruntime"] for r in rounds])), rel=2e-3)
 
     text = run_cli([EDGETUNE, "bench", "tiny_cnn", "--device", tuning_bed["key"], "--log", str(cold_log["dir"]),
                     "--tracker", tuning_bed["tracker"], "--runs", "5"], timeout=600)
     assert text.returncode == 0, text.stderr
     assert "P50 ms" in text.stdout and "P99 ms" in text.stdout and "than TVM's untuned build (p50)" in text.stdout
-    assert re.search(r"tuned is [\d.]+x (faster|slower) than ONNX Runtime on the board \(p50\)", text.stdout), text.stdout
+    assert re.search(r"tuned is [\d.]+x (faster|slower) than ONNX Runtime on the board \(p50\) on tiny_cnn for key "
+                     r"'[^']+' \(median of 3 rounds\)", text.stdout), text.stdout
+
+    # Rounds are at least one and at most the runs: anything else is refused before any timing.
+    bad = run_cli([EDGETUNE, "bench", "tiny_cnn", "--device", tuning_bed["key"], "--log", str(cold_log["dir"]),
+                   "--tracker", tuning_bed["tracker"], "--runs", "5", "--rounds", "6"], timeout=300)
+    assert bad.returncode == 1 and "--rounds must be between 1 and --runs (5)" in bad.stderr, bad.stderr
 
 
 def test_a_plain_tvm_server_has_no_onnxruntime_and_bench_says_so(peers, tmp_path):
