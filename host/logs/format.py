@@ -21,7 +21,7 @@ import enum
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import EdgetuneError
 
@@ -318,3 +318,15 @@ def read_database_rows(folder: Path) -> tuple[list[Any], list[tuple[int, list[An
             )
         records.append((row[0], row[1]))
     return workloads, records
+
+
+def kernel_form(session: dict[str, Any], key: str, has_records: bool, before: Any, wanted: Any,
+                valid: Callable[[Any], bool]) -> Any:
+    """One choice of how a tuning log's kernels are tuned (``key`` of its session: the layout, the weight
+    repacking, the cold timing). A log with records keeps the form they were measured in, whatever is
+    asked now: what its session recorded when it is ``valid``, else ``before`` (the form of every log
+    from before the choice was recorded). A log without records takes ``wanted``."""
+    if not has_records:
+        return wanted
+    recorded = session.get(key)
+    return recorded if valid(recorded) else before

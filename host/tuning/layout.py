@@ -26,10 +26,9 @@ DEFAULT = NHWC
 def log_layout(session: dict[str, Any], has_records: bool, wanted: str = DEFAULT) -> str:
     """The layout of a tuning log's kernels: what its session recorded; a log with records from before
     the layout was recorded was tuned in NCHW; an empty log takes ``wanted``."""
-    recorded = session.get("layout")
-    if recorded in LAYOUTS:
-        return recorded
-    return NCHW if has_records else wanted
+    from ..logs.format import kernel_form
+
+    return kernel_form(session, "layout", has_records, NCHW, wanted, lambda value: value in LAYOUTS)
 
 
 def convert_layout(mod: Any, layout: str) -> Any:

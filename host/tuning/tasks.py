@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ..logs.format import workload_key  # the key a tuning log gives a workload; re-exported for tuning
+from ..logs.format import kernel_form, workload_key  # the key a tuning log gives a workload; re-exported for tuning
 from .layout import DEFAULT as DEFAULT_LAYOUT, convert_layout
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,7 @@ def compile_tuned(database, mod, target, layout_rewrite: bool = True, layout: st
 def log_layout_rewrite(session: dict[str, Any], has_records: bool, wanted: bool = True) -> bool:
     """The kernel form of a tuning log: what its session recorded; a log with records from before the
     form was recorded was tuned without layout rewrite; an empty log takes ``wanted``."""
-    recorded = session.get("layout_rewrite")
-    if isinstance(recorded, bool):
-        return recorded
-    return False if has_records else wanted
+    return kernel_form(session, "layout_rewrite", has_records, False, wanted, lambda value: isinstance(value, bool))
 
 
 def extract_tasks(mod, target_dict: dict[str, Any], layout_rewrite: bool = True,

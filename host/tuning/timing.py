@@ -56,6 +56,8 @@ def log_times_cold(session: dict[str, Any], has_records: bool, weight_bytes: int
     """Whether a tuning log times its large kernels cold (its session's ``cold_weights``): a log with
     records keeps what it recorded (hot when it is from before the choice was recorded); a new one times
     them cold when ``cold_weights`` asks for it and the model's weights leave the board's caches."""
-    if has_records:
-        return bool(session.get("cold_weights", False))
-    return cold_weights and weights_leave_the_caches(weight_bytes, board)
+    from ..logs.format import kernel_form
+
+    return bool(kernel_form(session, "cold_weights", has_records, False,
+                            cold_weights and weights_leave_the_caches(weight_bytes, board),
+                            lambda value: isinstance(value, bool)))

@@ -61,6 +61,7 @@ def test_a_log_says_its_layout_and_an_older_log_was_tuned_in_nchw():
     assert log_layout({"layout_rewrite": True}, True) == "NCHW"  # records from before the layout was recorded
     assert log_layout({}, False) == "NHWC"  # a new log: the default
     assert log_layout({}, False, "NCHW") == "NCHW"
+    assert log_layout({"layout": "NHWC"}, False, "NCHW") == "NCHW"  # no records yet: what is asked now
 
 
 def test_in_nhwc_relu6_stays_in_its_convolution_and_the_kernels_read_channels_last(relu6_net):
