@@ -43,6 +43,8 @@ def variant_name(args) -> str:
         parts.append("nolr")
     if args.hot_weights:
         parts.append("hot")
+    if args.no_finals:
+        parts.append("nofinals")
     if args.scheduler != "weighted":
         parts.append(args.scheduler)
     if args.seed is not None:
@@ -67,6 +69,8 @@ def main() -> None:
                              "scheduler with budget/tasks trials per batch")
     parser.add_argument("--hot-weights", action="store_true",
                         help="A/B: time every candidate with its weights in the caches (repeated runs)")
+    parser.add_argument("--no-finals", action="store_true",
+                        help="A/B: build each kernel's best by hot time (no finalists timed cold at the end)")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
@@ -90,7 +94,7 @@ def main() -> None:
                                              seed=args.seed,
                                              layout_rewrite=not args.no_layout_rewrite, layout=args.layout,
                                              scheduler=args.scheduler,
-                                             cold_weights=not args.hot_weights,
+                                             cold_weights=not args.hot_weights, finals=not args.no_finals,
                                              # Cold sessions: a store would seed one variant from another.
                                              use_schedules=False))
             tuned_now = time.monotonic() - started
@@ -113,6 +117,9 @@ def main() -> None:
                 # The sum of the tuned kernels' best times (what the session saw), and the trials that
                 # replayed a sibling task's best schedule (host/tuning/siblings.py) over all its runs.
                 "estimated_ms": result.estimated_latency_ms,
+                # Large kernels whose finalists were timed cold at the end of a run, and how many of them
+                # build with another candidate than their best by hot time (host/tuning/finals.py).
+                "finals": (session.get("runs") or [{}])[-1].get("finals"),
                 "carried_to_siblings": {k: sum(int((r.get("carried_to_siblings") or {}).get(k, 0))
                                                for r in session.get("runs", [])) for k in ("trials", "improved")},
                 "max_abs_err": {"tuned": measured.tuned.max_abs_err, "onnxruntime": measured.onnxruntime.max_abs_err},

@@ -38,6 +38,7 @@ from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
 from ..tuning.layout import DEFAULT as DEFAULT_LAYOUT, log_layout
 from ..tuning.tasks import Task, compile_tuned, extract_tasks, log_layout_rewrite
+from ..tuning.finals import finals_database
 from ..tuning.timing import log_times_cold
 
 logger = logging.getLogger(__name__)
@@ -286,7 +287,13 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
     say(f"{tuned} of {len(tasks)} tasks tuned in the log"
         + (f", {len(from_store)} from the schedule store" if from_store else "") + "; default schedules for the rest")
     fallback = fallback_database([t for t in untuned if t.name not in from_store], tvm_target)
-    database = ms.database.OrderedUnionDatabase(tuned_db, stored, fallback)
+    # The session's final choice for its large kernels (timed again as the model runs them) comes first.
+    finals = finals_database(tuned_db.get_all_tuning_records() if has_records else [], log.session.get("finals")
+                             if log is not None else None)
+    chosen = len(finals.get_all_tuning_records())
+    if chosen:
+        say(f"{chosen} large kernels take their finalist that ran fastest after a cache flush, as in the model")
+    database = ms.database.OrderedUnionDatabase(finals, tuned_db, stored, fallback)
     result = BuildResult(Path(out_dir), model.name, key, target, coverage, estimated_latency_ms(coverage), None,
                          ["model.so", "build.json", "reference/input.npz", "reference/output.npz"], from_store)
 
@@ -326,7 +333,7 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
                          "log": str(Path(log_dir).resolve()) if log_dir else None},
             "estimated_latency_ms": result.estimated_latency_ms, "toolchain": toolchain.compiler,
             "host_check": host_check,
-            "layout_rewrite": layout_rewrite, "layout": layout,
+            "layout_rewrite": layout_rewrite, "layout": layout, "finals": chosen,
         }
         write_json_atomic(staging / "build.json", info)
         # Replace OUT's files only now that everything is written.

@@ -22,7 +22,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable
 
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFuture, RunnerInput, RunnerResult
 from tvm.s_tir.meta_schedule.runner.rpc_runner import (
@@ -281,6 +281,61 @@ class BoardRunner(PyRunner):
         if silent is not None:
             opened.cut()
         return costs, uploaded, error, silent
+
+    def time_interleaved(self, inputs: list[RunnerInput], evaluator: EvaluatorConfig,
+                         rounds: int) -> list[list[float] | None]:
+        """Time several candidates of one kernel against each other in one session on one board: in
+        ``rounds`` rounds, each round timing every candidate once with ``evaluator`` in an order reversed
+        every other round, so that a board whose speed drifts (a shared host's memory) slows them alike.
+        Returns per candidate its rounds' median times in seconds, or None when it failed. Raises
+        :class:`EdgetuneError` when no board answers; the artifacts' folders are removed."""
+        opened = self._acquire()
+        with self._lock:
+            self._open[id(opened)] = opened
+        session = opened.session
+        loaded: list[tuple[str, Any, Any, Any] | None] = []
+        try:
+            for number, inp in enumerate(inputs):
+                # Every candidate under a name of its own: one uploaded over another already loaded
+                # would rewrite the code the board's process runs.
+                remote = f"{number}-{os.path.basename(str(inp.artifact_path))}"
+                try:
+                    device = session.device(str(inp.device_type), 0)
+                    rt_mod = default_upload_module(session, str(inp.artifact_path), remote)
+                    args = default_alloc_argument(session, device, tuple(a.as_json() for a in inp.args_info), 1)[0]
+                    loaded.append((remote, rt_mod, device, args))
+                except Exception as err:  # noqa: BLE001 - this candidate does not run: the others still do
+                    logger.debug("candidate %s not timed: %s", remote, _one_line(err))
+                    loaded.append(None)
+            medians: list[list[float] | None] = [[] if item else None for item in loaded]
+            for index in range(rounds):
+                order = list(range(len(loaded))) if index % 2 == 0 else list(reversed(range(len(loaded))))
+                for i in order:
+                    item = loaded[i]
+                    if item is None or medians[i] is None:
+                        continue
+                    remote, rt_mod, device, args = item
+                    try:
+                        costs = default_run_evaluator(session, rt_mod, device, evaluator, [args])
+                        medians[i].append(float(sorted(costs)[len(costs) // 2]))
+                    except Exception as err:  # noqa: BLE001
+                        silent = opened.stopped_answering(err)
+                        if silent is not None:
+                            raise EdgetuneError(silent) from None
+                        medians[i] = None
+            for item in loaded:
+                if item is not None:
+                    try:
+                        default_cleanup(session, item[0])
+                    except Exception:  # noqa: BLE001 - the session may be gone
+                        pass
+            return medians
+        finally:
+            with self._lock:
+                self._open.pop(id(opened), None)
+            opened.close()
+            for inp in inputs:
+                shutil.rmtree(os.path.dirname(str(inp.artifact_path)), ignore_errors=True)
 
     def shutdown(self) -> None:
         """Stop measuring: jobs still waiting for a board give up at once (an interpreter exit would

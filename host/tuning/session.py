@@ -70,6 +70,9 @@ class TuneOptions:
     # Time the candidates of kernels too large for the caches with cold caches, as the model runs them
     # (timing.COLD_ABOVE_BYTES); False times every candidate hot. A resumed log keeps its own.
     cold_weights: bool = True
+    # At the end of a completed run of a log timed hot, time each large kernel's best candidates again
+    # cold and let the build use the fastest cold (finals.py); False for A/Bs.
+    finals: bool = True
 
 
 @dataclass
@@ -232,6 +235,7 @@ def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None =
                 _measure_untuned(run, search, emit)
                 _seed(run, search)
                 _search(run, search)
+                _final_choice(run, search, emit)
                 status = Status.COMPLETED
             except BaseException as err:  # noqa: BLE001 - a stop is a status; anything else is re-raised
                 status, message = _stop_reason(err, search.runner, interrupted)
@@ -648,6 +652,50 @@ def _measure_carried(run: _Run, search: _Search, task: int, sch: Any, key: int, 
     if strategy is not None:
         strategy.measured.add(key)
     return True
+
+
+def _final_choice(run: _Run, search: _Search, emit: Callable[[Event], None]) -> None:
+    """The end of a run of a log timed hot: each large kernel's best candidates by hot time (its
+    finalists) timed against each other on a board as the model runs them, after a cache flush; the
+    fastest is the one ``build`` uses (finals.py). Not trials: no budget, no record; kept in
+    session.json's ``finals``. A kernel whose finalists cannot be timed keeps its best hot."""
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    from .finals import FINAL_ROUNDS, FINALISTS, choose, final_evaluator, median_us, trace_key
+    from .runner import BoardRunner
+    from .timing import COLD, kernel_timing
+
+    if not run.options.finals or run.session.get("cold_weights"):
+        return
+    runner = BoardRunner(run.options.tracker, run.options.key, no_board_deadline_sec=run.options.no_board_deadline_sec,
+                         on_event=emit, board_log=run.progress.board_of)
+    finals: dict[str, Any] = {}
+    timed = changed = 0
+    try:
+        for task, context in zip(run.tasks, search.contexts):
+            top = search.database.get_top_k(search.database.commit_workload(context.mod), FINALISTS)
+            if len(top) < 2 or kernel_timing(True, [a.as_json() for a in top[0].args_info]) != COLD:
+                continue
+            candidates = [record.as_measure_candidate() for record in top]
+            built = search.builder.build([BuilderInput(c.sch.mod, search.tvm_target) for c in candidates])
+            inputs = [RunnerInput(b.artifact_path, "cpu", c.args_info) for b, c in zip(built, candidates)
+                      if not b.error_msg]
+            rounds = iter(runner.time_interleaved(inputs, final_evaluator(), FINAL_ROUNDS))
+            finalists = [{"key": trace_key(record.trace), "hot_us": round(mean_run_secs(record.run_secs) * 1e6, 3),
+                          "cold_us": None if b.error_msg else median_us(next(rounds))}
+                         for record, b in zip(top, built)]
+            timed += len(inputs)
+            best = choose(finalists)
+            if best is not None:
+                changed += best is not finalists[0]
+                finals[task.workload_hash] = {"task": task.name, "chosen": best["key"], "finalists": finalists}
+    finally:
+        runner.shutdown()
+    run.session["finals"] = finals
+    run.entry["finals"] = {"tasks": len(finals), "timed": timed, "changed": changed}
+    run.log.save_session()
+    emit({"event": "finals", "tasks": len(finals), "timed": timed, "changed": changed})
 
 
 def _stop_reason(err: BaseException, runner: Any, interrupted: threading.Event) -> tuple[Status, str]:

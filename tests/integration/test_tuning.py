@@ -390,3 +390,50 @@ def test_a_new_best_schedule_is_carried_over_to_its_sibling_task(tuning_bed, tmp
     carried_events = [e for e in events if e.get("carried_from")]
     assert len(carried_events) == carried["trials"]
     assert {e["task"] for e in carried_events} <= {session["tasks"][c]["name"] for c in convs}
+
+
+def test_a_hot_session_ends_by_timing_its_large_kernels_best_candidates_cold_and_the_build_uses_the_fastest(
+        tuning_bed, tmp_path):
+    """Timed hot, a session's last step times each large kernel's best few candidates again after a cache
+    flush (as the model runs them): not trials (no budget, no record); the build applies the fastest."""
+    from tests.conftest import HOST_TARGET
+    from tests.helpers_build import twin_convs_onnx
+
+    from host.build.build import build
+    from host.tuning.finals import FINALISTS
+    from host.tuning.session import TuneOptions, run_session
+    from host.tuning.timing import COLD_ABOVE_BYTES
+
+    # Two 3x3 convs of 32 channels at 64x64: 1.1 MB of arguments each, above COLD_ABOVE_BYTES.
+    model = twin_convs_onnx(tmp_path / "twin.onnx", channels=32, size=64)
+    assert 2 * 32 * 64 * 64 * 4 > COLD_ABOVE_BYTES
+    log_dir = tmp_path / "log"
+    events: list[dict] = []
+    result = run_session(TuneOptions(model=str(model), key=tuning_bed["key"], trials=24, log_dir=str(log_dir),
+                                     tracker=("127.0.0.1", tuning_bed["tracker_port"]), target=HOST_TARGET,
+                                     seed=1, use_schedules=False, cold_weights=False), events.append)
+    assert result.status == "completed", result.message
+    session = session_of(log_dir)
+    assert session["cold_weights"] is False
+    names = {t["workload_hash"]: t["name"] for t in session["tasks"]}
+    convs = {h for h, name in names.items() if "conv2d" in name}
+    finals = session["finals"]
+    # Both convs are there (the output's transpose, 1 MB of arguments too, may be).
+    assert convs <= set(finals) <= set(names), (finals.keys(), names)
+    for workload, entry in finals.items():
+        finalists = entry["finalists"]
+        assert entry["task"] == names[workload] and 2 <= len(finalists) <= FINALISTS
+        hot = [f["hot_us"] for f in finalists]
+        assert hot == sorted(hot) and all(f["cold_us"] > 0 for f in finalists)  # best hot first, all ran
+        assert entry["chosen"] == min(finalists, key=lambda f: f["cold_us"])["key"]
+    (event,) = [e for e in events if e["event"] == "finals"]
+    assert event["tasks"] == len(finals) and event["timed"] == sum(len(e["finalists"]) for e in finals.values())
+    assert session["runs"][-1]["finals"] == {k: event[k] for k in ("tasks", "timed", "changed")}
+    # Not trials: the budget went to the search, and the log holds one record per trial.
+    assert len(history_of(log_dir)) == session["trials_done"] == 24 == len(records_of(log_dir))
+
+    built = build(str(model), "test-board", tmp_path / "out", log_dir=str(log_dir), compare=False,
+                  use_schedules=False)
+    info = json.loads((tmp_path / "out" / "build.json").read_text())
+    assert info["finals"] == len(finals) and info["host_check"]["max_abs_err"] < 1e-4
+    assert all(c.tuned for c in built.coverage)
