@@ -1,16 +1,19 @@
-"""The final choice among a task's best candidates: timed as the kernel runs in the model.
+"""The final choice among a task's best candidates: timed against each other as the model runs them.
 
 A session that times its kernels hot (their weights in the caches, as repeated runs leave them) searches
 well: hot timings tell schedules apart by how well they compute, and the cost model learns from them.
 In the model, though, a kernel whose arguments do not fit in a core's cache finds its weights where the
 previous kernels left them, often in memory, and among schedules that compute equally well some stream
 their weights far better than others (mobilenet_v2's 2,000-trial log: a stride-2 conv's hot best runs in
-119 us after a cache flush, its third best in 57 us; about 120 us for the hot best in the model).
+119 us after a cache flush, its third best in 57 us; about 120 us for the hot best in the model). A
+session that times them cold ranks its candidates by a few single runs each, taken minutes apart on a
+board whose speed drifts.
 
-So at the end of a completed run, each large kernel's best few candidates by hot time (the finalists)
-are timed again cold, on the board, and the fastest cold is the one ``build`` uses. These timings are
-not trials: no budget, no record (the log's records stay comparable, all hot); they are kept in the
-session as ``finals``, per workload: the chosen trace's key, and each finalist's hot and cold time.
+So at the end of a completed run, each large kernel's best few candidates by their logged time (the
+finalists) are timed again against each other, cold, in one session on one board, and the fastest is
+the one ``build`` uses. These timings are not trials: no budget, no record (the log's records stay
+comparable); they are kept in the session as ``finals``, per workload: the chosen trace's key, and each
+finalist's logged and final time.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Iterable
 
-FINALISTS = 8  # candidates re-timed per large task: the best by hot time
+FINALISTS = 8  # candidates re-timed per large task: the best by their logged time
 # How the finalists are timed: in FINAL_ROUNDS rounds, each timing every finalist with FINAL_RUNS single
 # runs after a cache flush, one session on one board; a finalist's time is the median of its rounds'
 # medians. Timed one after the other, a board's drift decides: on a 2-core VM the same kernel's cold
@@ -55,7 +58,7 @@ def trace_key(trace: Any) -> str:
 
 
 def choose(finalists: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The finalist with the lowest cold time (``{"key", "hot_us", "cold_us"}``; cold None: failed), or
+    """The finalist with the lowest final time (``{"key", "logged_us", "cold_us"}``; cold None: failed), or
     None when none ran cold."""
     timed = [f for f in finalists if f.get("cold_us") is not None]
     return min(timed, key=lambda f: f["cold_us"]) if timed else None

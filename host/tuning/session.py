@@ -70,8 +70,8 @@ class TuneOptions:
     # Time the candidates of kernels too large for the caches with cold caches, as the model runs them
     # (timing.COLD_ABOVE_BYTES); False times every candidate hot. A resumed log keeps its own.
     cold_weights: bool = True
-    # At the end of a completed run of a log timed hot, time each large kernel's best candidates again
-    # cold and let the build use the fastest cold (finals.py); False for A/Bs.
+    # At the end of a completed run, time each large kernel's best candidates against each other cold
+    # and let the build use the fastest (finals.py); False for A/Bs.
     finals: bool = True
 
 
@@ -655,10 +655,10 @@ def _measure_carried(run: _Run, search: _Search, task: int, sch: Any, key: int, 
 
 
 def _final_choice(run: _Run, search: _Search, emit: Callable[[Event], None]) -> None:
-    """The end of a run of a log timed hot: each large kernel's best candidates by hot time (its
+    """The end of a completed run: each large kernel's best candidates by their logged time (its
     finalists) timed against each other on a board as the model runs them, after a cache flush; the
     fastest is the one ``build`` uses (finals.py). Not trials: no budget, no record; kept in
-    session.json's ``finals``. A kernel whose finalists cannot be timed keeps its best hot."""
+    session.json's ``finals``. A kernel whose finalists cannot be timed keeps its logged best."""
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
@@ -666,7 +666,7 @@ def _final_choice(run: _Run, search: _Search, emit: Callable[[Event], None]) -> 
     from .runner import BoardRunner
     from .timing import COLD, kernel_timing
 
-    if not run.options.finals or run.session.get("cold_weights"):
+    if not run.options.finals:
         return
     runner = BoardRunner(run.options.tracker, run.options.key, no_board_deadline_sec=run.options.no_board_deadline_sec,
                          on_event=emit, board_log=run.progress.board_of)
@@ -682,7 +682,7 @@ def _final_choice(run: _Run, search: _Search, emit: Callable[[Event], None]) -> 
             inputs = [RunnerInput(b.artifact_path, "cpu", c.args_info) for b, c in zip(built, candidates)
                       if not b.error_msg]
             rounds = iter(runner.time_interleaved(inputs, final_evaluator(), FINAL_ROUNDS))
-            finalists = [{"key": trace_key(record.trace), "hot_us": round(mean_run_secs(record.run_secs) * 1e6, 3),
+            finalists = [{"key": trace_key(record.trace), "logged_us": round(mean_run_secs(record.run_secs) * 1e6, 3),
                           "cold_us": None if b.error_msg else median_us(next(rounds))}
                          for record, b in zip(top, built)]
             timed += len(inputs)

@@ -11,10 +11,10 @@ from tests.helpers_schedules import SMALL
 def test_the_fastest_cold_finalist_is_chosen_and_failed_ones_never():
     from host.tuning.finals import choose
 
-    finalists = [{"key": "a", "hot_us": 10.0, "cold_us": 40.0}, {"key": "b", "hot_us": 11.0, "cold_us": None},
-                 {"key": "c", "hot_us": 12.0, "cold_us": 25.0}, {"key": "d", "hot_us": 13.0, "cold_us": 31.0}]
+    finalists = [{"key": "a", "logged_us": 10.0, "cold_us": 40.0}, {"key": "b", "logged_us": 11.0, "cold_us": None},
+                 {"key": "c", "logged_us": 12.0, "cold_us": 25.0}, {"key": "d", "logged_us": 13.0, "cold_us": 31.0}]
     assert choose(finalists)["key"] == "c"
-    assert choose([{"key": "a", "hot_us": 10.0, "cold_us": None}]) is None
+    assert choose([{"key": "a", "logged_us": 10.0, "cold_us": None}]) is None
 
 
 def test_the_build_database_gives_the_chosen_record_first_and_the_logs_best_otherwise():
