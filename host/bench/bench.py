@@ -329,6 +329,9 @@ def bench(model_or_pkg: str, key: str, tracker: TrackerAddr, log_dir: str | None
         builds: list[tuple[str, Callable[[int], Timing | None]]] = []
         if tuned_path is not None:
             builds.append(("tuned", lambda n: time_on_board(tracker, key, tuned_path, inputs, expected, n, "tuned")))
+        if onnx_model is not None and with_untuned:
+            builds.append(("untuned", lambda n: time_on_board(tracker, key, work / "untuned.so", inputs, expected, n,
+                                                              "untuned")))
         if onnx_model is not None and with_onnxruntime:
             def onnxruntime(n: int) -> Timing | None:
                 timing, note = onnxruntime_on_board(tracker, key, onnx_model.path,
@@ -337,9 +340,6 @@ def bench(model_or_pkg: str, key: str, tracker: TrackerAddr, log_dir: str | None
                     notes.append(note)
                 return timing
             builds.append(("onnxruntime", onnxruntime))
-        if onnx_model is not None and with_untuned:
-            builds.append(("untuned", lambda n: time_on_board(tracker, key, work / "untuned.so", inputs, expected, n,
-                                                              "untuned")))
         timed, per_round = _timed_in_rounds(builds, runs, rounds, say)
         tuned, untuned, ort = (pooled(timed[k]) if timed.get(k) else None for k in ("tuned", "untuned", "onnxruntime"))
         speedup = untuned.p50_ms / tuned.p50_ms if (tuned and untuned and tuned.p50_ms > 0) else None

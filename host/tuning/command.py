@@ -135,6 +135,8 @@ class _Display:
                 click.echo(f"finals: the best {event['timed'] // max(1, event['tasks'])} candidates of {event['tasks']} "
                            f"large kernels timed again after a cache flush, as the model runs them; "
                            f"{event['changed']} kernels build with another than their best logged", err=True)
+        elif kind == "finals-stopped":
+            click.echo(f"finals stopped: {event['reason']} (the kernels left build with their best logged)", err=True)
         elif kind == "waiting":
             click.echo(f"waiting: {event['reason']}; giving up in {event['deadline_s']:g} s unless a board "
                        "comes back (Ctrl-C stops; the log is safe)", err=True)

@@ -305,6 +305,9 @@ class BoardRunner(PyRunner):
                     args = default_alloc_argument(session, device, tuple(a.as_json() for a in inp.args_info), 1)[0]
                     loaded.append((remote, rt_mod, device, args))
                 except Exception as err:  # noqa: BLE001 - this candidate does not run: the others still do
+                    silent = opened.stopped_answering(err)
+                    if silent is not None:
+                        raise EdgetuneError(silent) from None
                     logger.debug("candidate %s not timed: %s", remote, _one_line(err))
                     loaded.append(None)
             medians: list[list[float] | None] = [[] if item else None for item in loaded]

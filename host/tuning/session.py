@@ -681,7 +681,13 @@ def _final_choice(run: _Run, search: _Search, emit: Callable[[Event], None]) -> 
             built = search.builder.build([BuilderInput(c.sch.mod, search.tvm_target) for c in candidates])
             inputs = [RunnerInput(b.artifact_path, "cpu", c.args_info) for b, c in zip(built, candidates)
                       if not b.error_msg]
-            rounds = iter(runner.time_interleaved(inputs, final_evaluator(), FINAL_ROUNDS))
+            try:
+                rounds = iter(runner.time_interleaved(inputs, final_evaluator(), FINAL_ROUNDS))
+            except EdgetuneError as err:  # no board, or it stopped answering: the trials are all in the log
+                logger.warning("finals stopped after %d kernels: %s; the others build with their logged best",
+                               len(finals), err)
+                emit({"event": "finals-stopped", "reason": str(err)})
+                break
             finalists = [{"key": trace_key(record.trace), "logged_us": round(mean_run_secs(record.run_secs) * 1e6, 3),
                           "cold_us": None if b.error_msg else median_us(next(rounds))}
                          for record, b in zip(top, built)]
