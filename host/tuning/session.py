@@ -24,7 +24,7 @@ from device_agent.schema import check_key, target_to_json
 
 from .. import config
 from ..errors import AgentError, EdgetuneError
-from ..logs.format import Status, Trial, mean_run_secs, workload_key
+from ..logs.format import Status, Trial, mean_run_secs, mean_run_us, workload_key
 from ..logs.results import TaskResult, estimated_latency_ms, gflops, tally_records, tally_trials
 from ..logs.tuninglog import TuningLog, now_iso
 from ..models.onnx_import import Model, load_onnx
@@ -688,7 +688,7 @@ def _final_choice(run: _Run, search: _Search, emit: Callable[[Event], None]) -> 
                                len(finals), err)
                 emit({"event": "finals-stopped", "reason": str(err)})
                 break
-            finalists = [{"key": trace_key(record.trace), "logged_us": round(mean_run_secs(record.run_secs) * 1e6, 3),
+            finalists = [{"key": trace_key(record.trace), "logged_us": mean_run_us(record.run_secs),
                           "cold_us": None if b.error_msg else median_us(next(rounds))}
                          for record, b in zip(top, built)]
             timed += len(inputs)
