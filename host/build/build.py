@@ -288,8 +288,8 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
         + (f", {len(from_store)} from the schedule store" if from_store else "") + "; default schedules for the rest")
     fallback = fallback_database([t for t in untuned if t.name not in from_store], tvm_target)
     # The session's final choice for its large kernels (timed again as the model runs them) comes first.
-    finals = finals_database(tuned_db.get_all_tuning_records() if has_records else [], log.session.get("finals")
-                             if log is not None else None)
+    choice = log.session.get("finals") if has_records else None
+    finals = finals_database(tuned_db.get_all_tuning_records() if choice else [], choice)
     chosen = len(finals.get_all_tuning_records())
     if chosen:
         say(f"{chosen} large kernels take their finalist that ran fastest after a cache flush, as in the model")

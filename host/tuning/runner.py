@@ -305,9 +305,7 @@ class BoardRunner(PyRunner):
                     args = default_alloc_argument(session, device, tuple(a.as_json() for a in inp.args_info), 1)[0]
                     loaded.append((remote, rt_mod, device, args))
                 except Exception as err:  # noqa: BLE001 - this candidate does not run: the others still do
-                    silent = opened.stopped_answering(err)
-                    if silent is not None:
-                        raise EdgetuneError(silent) from None
+                    self._give_up_if_silent(opened, err)
                     logger.debug("candidate %s not timed: %s", remote, _one_line(err))
                     loaded.append(None)
             medians: list[list[float] | None] = [[] if item else None for item in loaded]
@@ -322,9 +320,7 @@ class BoardRunner(PyRunner):
                         costs = default_run_evaluator(session, rt_mod, device, evaluator, [args])
                         medians[i].append(float(sorted(costs)[len(costs) // 2]))
                     except Exception as err:  # noqa: BLE001
-                        silent = opened.stopped_answering(err)
-                        if silent is not None:
-                            raise EdgetuneError(silent) from None
+                        self._give_up_if_silent(opened, err)
                         medians[i] = None
             for item in loaded:
                 if item is not None:
@@ -339,6 +335,15 @@ class BoardRunner(PyRunner):
             opened.close()
             for inp in inputs:
                 shutil.rmtree(os.path.dirname(str(inp.artifact_path)), ignore_errors=True)
+
+    def _give_up_if_silent(self, opened: BoardSession, err: BaseException) -> None:
+        """Raise :class:`EdgetuneError` when ``err`` says the board stopped answering: its session is cut
+        (closing it would wait on the board) and the board reported lost, as for a single candidate."""
+        silent = opened.stopped_answering(err)
+        if silent is not None:
+            opened.cut()
+            self._note_board_lost(opened.board, silent, "timing finalists", opened.answer_within_sec)
+            raise EdgetuneError(silent) from None
 
     def shutdown(self) -> None:
         """Stop measuring: jobs still waiting for a board give up at once (an interpreter exit would
