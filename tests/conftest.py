@@ -13,7 +13,6 @@ os.environ.pop("EDGETUNE_TRACKER", None)
 # Sessions in tests start cold and leave no records behind: no schedule store unless a test names one.
 os.environ["EDGETUNE_SCHEDULES"] = "off"
 
-SHARED_MODELS = Path(__file__).resolve().parent.parent.parent / "shared" / "models"
 # The target this machine's own probe proposes: a fixed CPU (it was znver4) runs candidates with
 # instructions that another CI machine (znver3, no AVX-512) does not have.
 from device_agent.probe import read_profile  # noqa: E402

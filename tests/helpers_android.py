@@ -1,4 +1,4 @@
-"""Captured phone outputs (../shared/boards/, see its SOURCES.md) and Android packages for the tests of
+"""Captured phone outputs (tests/fixtures/boards/, see its SOURCES.md) and Android packages for the tests of
 host/android. No phone is attached to these machines: these are what real phones printed."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from device_agent.manifest import Manifest, TensorSpec, encode_signature
 
-BOARDS = Path(__file__).resolve().parents[2] / "shared" / "boards"
+BOARDS = Path(__file__).resolve().parent / "fixtures" / "boards"
 PIXEL8_GETPROP = (BOARDS / "pixel8pro-tensor-g3" / "getprop.txt").read_text()
 PIXEL8_CPUINFO = (BOARDS / "pixel8pro-tensor-g3" / "cpuinfo").read_text()
 POCO_GETPROP = (BOARDS / "poco-f6-sm8635" / "getprop.txt").read_text()

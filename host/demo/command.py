@@ -44,7 +44,8 @@ def demo(trials: int, workdir: str, runs: int, as_json: bool) -> None:
     if result.tuned_over_onnxruntime:
         click.echo(f"  tiny_cnn on this machine: {result.tuned_p50_ms:.3f} ms tuned vs {result.onnxruntime_p50_ms:.3f} ms "
                    f"with ONNX Runtime on the board: {vs_onnxruntime(result.tuned_over_onnxruntime)} "
-                   f"after {result.trials} trials")
+                   + (f" (the median of {result.rounds} rounds' ratios)" if result.rounds > 1 else "")
+                   + f" after {result.trials} trials")
     else:
         click.echo("  ONNX Runtime was not measured on the board: " + "; ".join(result.notes))
     if result.speedup:
@@ -53,6 +54,7 @@ def demo(trials: int, workdir: str, runs: int, as_json: bool) -> None:
     click.echo(f"  package:  {result.package}  (installed: slot {result.installed.get('slot')}, "
                f"current = {result.installed.get('current')}, via {result.flashed_via.split(' (')[0]})")
     click.echo(f"  report:   {result.report}")
+    click.echo(f"  timings:  {result.bench}")
     click.echo("\nWith a real board (a Raspberry Pi running `edgetune-agent serve --key rpi4`, see README):")
     click.echo("  edgetune tracker &")
     click.echo("  edgetune tune model.onnx --device rpi4 --trials 256 --log runs/rpi4")

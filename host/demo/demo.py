@@ -23,6 +23,7 @@ import psutil
 
 from .. import config
 from ..errors import EdgetuneError
+from ..logs.tuninglog import write_json_atomic
 from ..process import LoggedProcess
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class DemoResult:
     installed: dict[str, Any]
     started_pids: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    bench: str = ""  # bench.json: every build's timing and each round's p50s, as `edgetune bench --json` says them
+    rounds: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -216,6 +219,8 @@ def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
         say("benchmarking on the board: tuned against ONNX Runtime and TVM's default build")
         measured = bench(DEMO_MODEL, key, ("127.0.0.1", port), log_dir=str(log_dir), runs=runs)
         report = make_report(log_dir, work / "report")
+        bench_json = work / "bench.json"
+        write_json_atomic(bench_json, measured.as_dict())
         return DemoResult(
             workdir=str(work), key=key, board=board.as_dict(), trials=session.trials_done,
             tuned_p50_ms=measured.tuned.p50_ms if measured.tuned else None,
@@ -224,6 +229,7 @@ def run_demo(workdir: str | Path, trials: int, say: Callable[[str], None],
             onnxruntime_p50_ms=measured.onnxruntime.p50_ms if measured.onnxruntime else None,
             tuned_over_onnxruntime=measured.onnxruntime_ratio, package=str(pkg), report=str(report.html), flashed_via=flashed_via,
             installed=installed, started_pids=[p.pid for p in started], notes=measured.notes,
+            bench=str(bench_json), rounds=len(measured.rounds),
         )
     finally:
         for proc in reversed(started):

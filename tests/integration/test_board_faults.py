@@ -321,3 +321,95 @@ def test_bench_on_a_board_frozen_mid_measurement_fails_at_its_deadline(peers, ho
     assert proc.returncode == 1, stderr[-3000:]
     assert f"board 127.0.0.1:{agent.port} stopped answering" in stderr and "Traceback" not in stderr
     assert ended < 8 + 2 + 10
+
+
+def _in_onnxruntime_session(agent) -> bool:
+    """True once a session process of the agent holds the ONNX model a bench uploads for ONNX Runtime
+    (the session's uploads land in its working folder)."""
+    try:
+        for child in psutil.Process(agent.pid).children():
+            if any(p.name.startswith("bench-ort-") and p.suffix == ".onnx" for p in Path(child.cwd()).iterdir()):
+                return True
+    except (psutil.Error, OSError):
+        pass
+    return False
+
+
+def test_bench_on_a_board_frozen_inside_the_onnxruntime_session_fails_at_its_deadline(peers, host_target):
+    # The same deadline as for a build's timing holds in the session that times ONNX Runtime on the board,
+    # and nothing after it (removing the uploads from a board that no longer answers) waits again.
+    env = {**peer_env(), "EDGETUNE_BENCH_SESSION_SEC": "8", "EDGETUNE_BOARD_ANSWER_GRACE_SEC": "2"}
+    tracker = peers.tracker(advertise=False)
+    addr = f"127.0.0.1:{tracker.port}"
+    agent = peers.agent("benchortfrozen", "bench-ort-frozen", addr, advertise=False)
+    wait_registered(tracker.port, "benchortfrozen")
+    proc = subprocess.Popen([EDGETUNE, "bench", "tiny_cnn", "--device", "benchortfrozen", "--tracker", addr,
+                             "--target", json.dumps(host_target), "--runs", "3000", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    frozen_at = None
+    try:
+        deadline = time.monotonic() + 240
+        while frozen_at is None and time.monotonic() < deadline and proc.poll() is None:
+            if _in_onnxruntime_session(agent):
+                frozen_at = freeze(agent)
+            else:
+                time.sleep(0.002)
+        assert frozen_at is not None, "the bench never opened an ONNX Runtime session on the board"
+        _, stderr = proc.communicate(timeout=STOP_LIMIT_SEC)
+        ended = time.monotonic() - frozen_at
+    finally:
+        thaw(agent)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"\nbench ended {ended:.1f} s after the board froze in the ONNX Runtime session")
+    assert proc.returncode == 1, stderr[-3000:]
+    assert f"board 127.0.0.1:{agent.port} stopped answering" in stderr and "Traceback" not in stderr
+    assert ended < 8 + 2 + 10
+
+
+def test_a_board_frozen_during_the_finals_stops_the_finals_not_the_run(peers, host_target, tmp_path, monkeypatch):
+    # Every trial is measured and logged before the finals start: a board lost in them leaves a completed
+    # run whose large kernels build with their logged best, and the session ends at the usual deadline.
+    from tests.helpers_build import twin_convs_onnx
+
+    for name, value in FAULT_ENV.items():
+        monkeypatch.setenv(name, value)
+    model = twin_convs_onnx(tmp_path / "twin.onnx", channels=32, size=64)  # two kernels with finals
+    tracker = peers.tracker(advertise=False)
+    addr = f"127.0.0.1:{tracker.port}"
+    agent = peers.agent("finalsfrozen", "finals-frozen", addr, advertise=False)
+    wait_registered(tracker.port, "finalsfrozen")
+    log_dir = tmp_path / "log"
+    argv = [EDGETUNE, "tune", str(model), "--device", "finalsfrozen", "--trials", "24", "--log", str(log_dir),
+            "--tracker", addr, "--deadline", str(NO_BOARD_SEC), "--strategy", "random", "--seed", "1",
+            "--target", json.dumps(host_target), "--json"]
+    frozen_at: list[float] = []
+
+    def freeze_in_the_finals() -> None:
+        wait_for(lambda: len(history_of(log_dir)) == 24, 600, "every trial measured")
+        measured = time.time()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            newer = [c for c in psutil.Process(agent.pid).children() if c.create_time() > measured]
+            if newer and _serving_a_client(agent, tracker.port, MEASURING_AFTER_SEC):
+                frozen_at.append(freeze(agent))
+                return
+            time.sleep(0.005)
+        raise TimeoutError("no finals session opened on the board")
+
+    try:
+        code, stdout, stderr = tune_then(argv, log_dir, freeze_in_the_finals, timeout=STOP_LIMIT_SEC)
+        ended = time.monotonic() - frozen_at[0]
+    finally:
+        thaw(agent)
+    print(f"\ntune ended {ended:.1f} s after the board froze in the finals")
+    assert code == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and ended < 8 + 2 + 10 + 5
+    events = _events(stdout)
+    stopped = [e for e in events if e["event"] == "finals-stopped"]
+    assert stopped and "stopped answering" in stopped[0]["reason"], events[-5:]
+    session = session_of(log_dir)
+    assert session["status"] == "completed" and session["trials_done"] == 24
+    assert len(records_of(log_dir)) == 24 == len(history_of(log_dir))
+    assert session["runs"][-1]["finals"]["tasks"] == len(session["finals"]) < 2

@@ -1,4 +1,4 @@
-"""Android phones, without a phone: the real captured outputs of phones in ../shared/boards/ (Pixel 8 Pro
+"""Android phones, without a phone: the real captured outputs of phones in tests/fixtures/boards/ (Pixel 8 Pro
 getprop and /proc/cpuinfo, POCO F6 getprop, `adb devices -l` with a Pixel 9 and a Xiaomi Mi 8) are fed to
 the parsers, and to the adb commands through a runner that answers as those phones answered.
 
