@@ -95,6 +95,9 @@ class _Display:
             why = ("as the log was timed" if event["resumed"] else
                    f"weights {event.get('weight_mb')} MB, the board's last-level cache {cache}")
             click.echo(f"timing: {how} ({why})", err=True)
+            if event.get("overlap"):
+                click.echo("builds overlap measurements: the next batch is built while the boards time this one "
+                           "(no board of the key runs on this machine)", err=True)
         elif kind == "baseline":
             if event.get("onnxruntime_p50_ms") is not None:
                 click.echo(f"ONNX Runtime on board {event['board']}: {event['onnxruntime_p50_ms']:.3f} ms (p50), "
@@ -162,13 +165,17 @@ class _Display:
               help="The schedule store to start from and add to: a SQLite file or a postgresql:// URL "
                    "(default: $EDGETUNE_SCHEDULES, else ~/.local/share/edgetune/schedules.sqlite).")
 @click.option("--no-schedules", is_flag=True, help="Neither start from the schedule store nor add to it.")
+@click.option("--overlap/--no-overlap", default=None,
+              help="Build the next batch while the boards measure this one (default: when no board of the key "
+                   "runs on this machine, where a build would skew the timings).")
 @target_option
 @input_shape_option
 @tracker_option
 @json_option
 def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_log: str | None,
          early_stopping: int | None, no_board_deadline: float | None, seed: int | None,
-         schedules: str | None, no_schedules: bool, target_json: str | None, input_shapes: tuple[str, ...], tracker: str | None, as_json: bool) -> None:
+         schedules: str | None, no_schedules: bool, overlap: bool | None, target_json: str | None,
+         input_shapes: tuple[str, ...], tracker: str | None, as_json: bool) -> None:
     """Tune a model on every free board of a key. Run it again on the same --log folder to resume.
 
     \b
@@ -188,6 +195,7 @@ def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_lo
         target=parse_target(target_json) if target_json else None, strategy=strategy, from_log=from_log,
         early_stopping=early_stopping, input_shapes=parse_input_shapes(input_shapes),
         no_board_deadline_sec=no_board_deadline, seed=seed, schedules=schedules, use_schedules=not no_schedules,
+        overlap=overlap,
     )
     display = _Display(as_json)
     started = time.monotonic()

@@ -46,6 +46,30 @@ logger = logging.getLogger(__name__)
 MAX_BOARD_ATTEMPTS = 2
 
 
+def boards_elsewhere(tracker: TrackerAddr, key: str) -> bool:
+    """True when every board registered under ``key`` runs on another machine than this one (its address
+    is none of this machine's): only then may the workstation build while a board times, without the
+    build skewing the timing. False with no board, or with the tracker unreachable."""
+    import ipaddress
+
+    import psutil
+
+    try:
+        servers = servers_of_key(tracker_summary(tracker), key)
+    except EdgetuneError:  # no tracker, or none this machine can talk to: the session says so itself
+        return False
+    mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+
+    def here(host: str) -> bool:
+        try:
+            return ipaddress.ip_address(host).is_loopback or host in mine
+        except ValueError:  # a name, not an address
+            return host in ("localhost", os.uname().nodename)
+
+    hosts = [str(s.get("addr", [""])[0]) for s in servers]
+    return bool(hosts) and not any(here(h) for h in hosts)
+
+
 class SessionStop(EdgetuneError):
     """Raised out of the tuning loop: no board (or no tracker) before the deadline."""
 
@@ -108,6 +132,7 @@ class BoardRunner(PyRunner):
         self.lost: dict[str, str] = {}  # board -> why it was given up (until it measures again)
         self.stopped: SessionStop | None = None
         self._open: dict[int, BoardSession] = {}  # sessions open now (by id), cut at once by shutdown()
+        self.busy: list[tuple[float, float]] = []  # (start, end) of each candidate's session on a board, monotonic
 
     # -- board count -----------------------------------------------------------------------------
     def count_boards(self) -> int:
@@ -216,10 +241,12 @@ class BoardRunner(PyRunner):
                 self.board_log[artifact] = board
                 with self._lock:
                     self._open[id(opened)] = opened
+                started = time.monotonic()
                 try:
                     costs, uploaded, error, silent = self._measure_on(opened, inp, artifact)
                 finally:
                     with self._lock:
+                        self.busy.append((started, time.monotonic()))
                         self._open.pop(id(opened), None)
                     opened.close()
                     del opened  # the session's connection closes here

@@ -13,6 +13,11 @@ uniform pass and no task ever saw a cost-model-guided second batch. Here:
    already runs near the board's best gains little from more trials). A kernel that is a tiny share of
    the model's time (below ``MIN_TIME_SHARE``) gets no more trials while a bigger one is left.
 A task whose first batch failed entirely (no latency yet) is tried again before any other.
+
+With ``overlap``, the workstation builds the next batch while the boards measure the current one: a
+batch is joined (its results recorded) only when the batch after it has been handed out, so each
+choice sees every result but the one still measuring. Only for boards that are not this machine: a
+build on the CPU that is timing a candidate would skew the timing.
 """
 
 from __future__ import annotations
@@ -82,37 +87,61 @@ def next_task(best_us: Sequence[float | None], weights: Sequence[float], batches
     return max(worth, key=lambda i: (times[i] * factor[i] / batches[i], -i))
 
 
+def overlap_seconds(builds: Sequence[tuple[float, float]], measurements: Sequence[tuple[float, float]]) -> float:
+    """Seconds during which a build ran while at least one board was measuring: each build interval's
+    intersection with the union of the measurement intervals, summed."""
+    merged: list[list[float]] = []
+    for start, end in sorted(measurements):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return sum(max(0.0, min(b_end, m_end) - max(b_start, m_start))
+               for b_start, b_end in builds for m_start, m_end in merged)
+
+
 @derived_object
 class WeightedScheduler(PyTaskScheduler):
     """A MetaSchedule task scheduler that follows :func:`next_task`.
 
     ``best_us`` is read live (the session's history callback updates it after every batch); ``after_batch``
-    runs between batches, when no candidate is being built or measured (the session carries new best
-    schedules over to sibling tasks there).
+    runs once a task's batch is joined (the session carries new best schedules over to sibling tasks
+    there). With ``overlap``, one batch keeps measuring while the next is built (see the module notes).
     """
 
     def __init__(self, best_us, weights: Sequence[float], flops: Sequence[float] | None = None,
-                 after_batch=None) -> None:
+                 after_batch=None, overlap: bool = False) -> None:
         super().__init__()
         self.best_us = best_us  # callable: () -> list of each task's best latency in us, or None
         self.weights = list(weights)
         self.flops = list(flops) if flops is not None else None
         self.after_batch = after_batch  # callable(task): runs once a task's batch is measured and recorded
+        self.overlap = overlap
         self.batches = [0] * len(self.weights)
-        self._running: int | None = None
+        self.overlapped = 0  # batches handed out while another was still measuring
+        self._running: list[int] = []  # tasks whose batch is out (built, measuring), oldest first
+
+    def _join(self, task_id: int) -> None:
+        if not self._outer().tasks_[task_id].is_terminated:  # a task with no candidates left sent none
+            self.join_running_task(task_id)  # measure callbacks run here: bests are up to date
+            if self.after_batch is not None:
+                self.after_batch(task_id)
 
     def next_task_id(self) -> int:
         outer = self._outer()
-        if self._running is not None:
-            task_id, self._running = self._running, None
-            if not outer.tasks_[task_id].is_terminated:
-                self.join_running_task(task_id)  # measure callbacks run here: bests are up to date
-                if self.after_batch is not None:
-                    self.after_batch(task_id)
+        while len(self._running) > (1 if self.overlap else 0):
+            self._join(self._running.pop(0))
         live = [i for i, task in enumerate(outer.tasks_) if not task.is_terminated]
-        chosen = next_task(self.best_us(), self.weights, self.batches, live, self.flops)
+        # A task whose batch is still out cannot have another before its results are in.
+        chosen = next_task(self.best_us(), self.weights, self.batches, [i for i in live if i not in self._running],
+                           self.flops)
+        if chosen is None and self._running:  # nothing else to choose: wait for that batch, then choose
+            self._join(self._running.pop(0))
+            live = [i for i, task in enumerate(outer.tasks_) if not task.is_terminated]
+            chosen = next_task(self.best_us(), self.weights, self.batches, live, self.flops)
         if chosen is None:
             return -1
+        self.overlapped += bool(self._running)
         self.batches[chosen] += 1
-        self._running = chosen
+        self._running.append(chosen)
         return chosen

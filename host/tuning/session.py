@@ -73,6 +73,9 @@ class TuneOptions:
     # At the end of a completed run, time each large kernel's best candidates against each other cold
     # and let the build use the fastest (finals.py); False for A/Bs.
     finals: bool = True
+    # Build the next batch while the boards measure this one: None decides by the boards (on when none
+    # of the key's boards runs on this machine, whose builds would skew its timings), True/False force it.
+    overlap: bool | None = None
 
 
 @dataclass
@@ -212,6 +215,7 @@ class _Search:
     runner: Any
     cost_info: dict[str, Any]
     siblings: Any = None  # siblings.SiblingTransfer of the weighted scheduler's search, once made
+    scheduler: Any = None  # scheduler.WeightedScheduler, once made
 
 
 def run_session(options: TuneOptions, on_event: Callable[[Event], None] | None = None) -> SessionResult:
@@ -363,7 +367,13 @@ def _already_complete(run: _Run) -> SessionResult:
 
 def _open_run(run: _Run, emit: Callable[[Event], None]) -> None:
     """Record the run as running in session.json and announce it."""
-    run.entry = {"started": now_iso(), "ended": None, "trials": 0, "status": Status.RUNNING, "boards": run.boards}
+    overlap = run.options.overlap
+    if overlap is None:
+        from .runner import boards_elsewhere
+
+        overlap = boards_elsewhere(run.options.tracker, run.options.key)
+    run.entry = {"started": now_iso(), "ended": None, "trials": 0, "status": Status.RUNNING, "boards": run.boards,
+                 "overlap": overlap}
     run.session["runs"].append(run.entry)
     run.session["status"] = Status.RUNNING
     run.log.save_session()
@@ -372,7 +382,7 @@ def _open_run(run: _Run, emit: Callable[[Event], None]) -> None:
           "tasks": len(run.tasks), "budget": run.options.trials, "done": run.done_before, "boards": run.boards,
           "resumed": run.done_before > 0, "log": str(run.log.path), "cold_weights": run.session["cold_weights"],
           "layout": run.session["layout"], "weight_mb": round(run.model.weight_bytes / 1e6, 1),
-          "llc_kib": board_llc_kib(run.board)})
+          "llc_kib": board_llc_kib(run.board), "overlap": overlap})
 
 
 def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
@@ -619,7 +629,9 @@ def _search(run: _Run, search: _Search) -> None:
                                               lambda task, sch, key, source: _measure_carried(run, search, task, sch, key,
                                                                                               source))
         scheduler = WeightedScheduler(best_us, search.weights, flops,
-                                      search.siblings.after_batch if search.siblings is not None else None)
+                                      search.siblings.after_batch if search.siblings is not None else None,
+                                      overlap=run.entry["overlap"])
+        search.scheduler = scheduler
     ms.tune_tasks(
         tasks=search.contexts, task_weights=search.weights, work_dir=str(run.log.path),
         max_trials_global=budget.remaining, max_trials_per_task=budget.remaining,
@@ -731,6 +743,13 @@ def _close_run(run: _Run, search: _Search | None, status: Status) -> None:
         measured_by = search.runner.measured_by
         if search.siblings is not None:
             run.entry["carried_to_siblings"] = {"trials": search.siblings.trials, "improved": search.siblings.improved}
+        if search.scheduler is not None:
+            from .scheduler import overlap_seconds
+
+            # How long the workstation built while a board measured (0 without overlap, up to the whole
+            # build time with it): what building ahead saved in this run.
+            run.entry["overlapped_batches"] = search.scheduler.overlapped
+            run.entry["built_while_measuring_s"] = round(overlap_seconds(search.builder.busy, search.runner.busy), 2)
     run.trials_done = run.log.record_count()
     run.entry.update(ended=now_iso(), trials=run.trials_done - run.done_before, status=status)
     if run.budget is not None:

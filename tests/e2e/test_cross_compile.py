@@ -338,6 +338,11 @@ def test_tune_cross_compiles_measures_on_the_board_and_records(bed: Bed, tuned: 
     assert session["target"]["mcpu"] == "cortex-a72"
     assert "+neon" in session["target"]["mattr"]
     assert session["board"]["arch"] == "aarch64"
+    # The board is another machine (its own address behind the veth link): the workstation built each
+    # next batch while the board measured the current one.
+    assert events[0]["overlap"] is True
+    run = session["runs"][-1]
+    assert run["overlap"] is True and run["overlapped_batches"] >= 1 and run["built_while_measuring_s"] > 0, run
 
     # Measured on the board: each trial names it; most have a latency.
     history = [json.loads(line) for line in (log_dir / "history.jsonl").read_text().splitlines() if line.strip()]

@@ -451,3 +451,30 @@ def test_a_hot_session_ends_by_timing_its_large_kernels_best_candidates_cold_and
     info = json.loads((tmp_path / "out" / "build.json").read_text())
     assert info["finals"] == len(finals) and info["host_check"]["max_abs_err"] < 1e-4
     assert all(c.tuned for c in built.coverage)
+
+
+def test_overlap_builds_the_next_batch_while_the_board_measures_and_loses_nothing(tuning_bed, tmp_path):
+    """The board here is this machine, so by default nothing is built while it times (a build would skew
+    the timing); forced on, the next batch is built while the board measures, and every trial is still
+    measured, recorded once and in the history."""
+    plain = tmp_path / "plain"
+    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], plain, 24, "--strategy", "random", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    start = json.loads(out.stdout.splitlines()[0])
+    assert start["event"] == "start" and start["overlap"] is False
+    run = session_of(plain)["runs"][-1]
+    assert run["overlap"] is False and run["overlapped_batches"] == 0 and run["built_while_measuring_s"] == 0
+
+    log_dir = tmp_path / "overlap"
+    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 24, "--strategy", "random", "--overlap")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "builds overlap measurements" in out.stderr
+    session = session_of(log_dir)
+    run = session["runs"][-1]
+    assert session["status"] == "completed" and run["overlap"] is True
+    assert run["overlapped_batches"] >= 1 and run["built_while_measuring_s"] > 0, run
+    history = history_of(log_dir)
+    records = records_of(log_dir)
+    assert [h["trial"] for h in history] == list(range(1, 25)) and len(records) == 24 == unique_records(records)
+    assert {h["task"] for h in history} == set(range(len(session["tasks"])))
+    assert sum(1 for h in history if h["latency_us"] is not None) >= 20

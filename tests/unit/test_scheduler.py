@@ -85,3 +85,13 @@ def test_room_never_outweighs_a_much_larger_share_of_the_models_time():
     # Task 1 is at a tenth of the best rate but carries a fifth of task 0's time: task 0 still leads.
     best, flops = [5000.0, 1000.0], [50e9, 1e9]
     assert next_task(best, [1, 1], [1, 1], [0, 1], flops) == 0
+
+
+def test_overlap_seconds_counts_build_time_during_any_measurement_once():
+    from host.tuning.scheduler import overlap_seconds
+
+    measurements = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]  # two boards at first: one union 0-3, then 5-6
+    assert overlap_seconds([(2.5, 5.5)], measurements) == 1.0  # 2.5-3 and 5-5.5
+    assert overlap_seconds([(0.5, 1.5), (3.0, 5.0)], measurements) == 1.0  # 0.5-1.5 once, not twice
+    assert overlap_seconds([(6.0, 7.0)], measurements) == 0.0
+    assert overlap_seconds([], measurements) == 0.0 and overlap_seconds([(0.0, 1.0)], []) == 0.0
