@@ -367,7 +367,7 @@ def _already_complete(run: _Run) -> SessionResult:
 
 def _open_run(run: _Run, emit: Callable[[Event], None]) -> None:
     """Record the run as running in session.json and announce it."""
-    overlap = run.options.overlap
+    overlap = run.options.overlap if run.options.scheduler != "gradient" else False  # MetaSchedule's own: never
     if overlap is None:
         from .runner import boards_elsewhere
 

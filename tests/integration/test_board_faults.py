@@ -297,19 +297,20 @@ def test_ctrl_c_during_flash_reports_every_board_at_once(
     assert "0 of 2 boards flashed, 2 failed" in stdout
 
 
-def test_bench_on_a_board_frozen_mid_measurement_fails_at_its_deadline(peers, host_target, tmp_path):
-    # A board's bench session lasts at most 8 s here, so one silent for 8 + 2 s is taken as gone.
+def _bench_frozen(peers, host_target, key: str, runs: int, freeze_when) -> None:
+    """`edgetune bench` of the tiny CNN on a board of its own, frozen by ``freeze_when(agent, tracker_port)``
+    (which returns when it froze): the bench fails within the session's deadline, naming the board. A
+    board's bench session lasts at most 8 s here, so one silent for 8 + 2 s is taken as gone."""
     env = {**peer_env(), "EDGETUNE_BENCH_SESSION_SEC": "8", "EDGETUNE_BOARD_ANSWER_GRACE_SEC": "2"}
     tracker = peers.tracker(advertise=False)
     addr = f"127.0.0.1:{tracker.port}"
-    agent = peers.agent("benchfrozen", "bench-frozen", addr, advertise=False)
-    wait_registered(tracker.port, "benchfrozen")
-    # Enough timed runs of the untuned tiny CNN to keep the board measuring for longer than the session.
-    proc = subprocess.Popen([EDGETUNE, "bench", "tiny_cnn", "--device", "benchfrozen", "--tracker", addr,
-                             "--target", json.dumps(host_target), "--runs", "1000000", "--json"],
+    agent = peers.agent(key, key.replace("bench", "bench-"), addr, advertise=False)
+    wait_registered(tracker.port, key)
+    proc = subprocess.Popen([EDGETUNE, "bench", "tiny_cnn", "--device", key, "--tracker", addr,
+                             "--target", json.dumps(host_target), "--runs", str(runs), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        frozen_at = freeze_in_session(agent, tracker.port, timeout=240)
+        frozen_at = freeze_when(agent, tracker.port)
         _, stderr = proc.communicate(timeout=STOP_LIMIT_SEC)
         ended = time.monotonic() - frozen_at
     finally:
@@ -321,6 +322,12 @@ def test_bench_on_a_board_frozen_mid_measurement_fails_at_its_deadline(peers, ho
     assert proc.returncode == 1, stderr[-3000:]
     assert f"board 127.0.0.1:{agent.port} stopped answering" in stderr and "Traceback" not in stderr
     assert ended < 8 + 2 + 10
+
+
+def test_bench_on_a_board_frozen_mid_measurement_fails_at_its_deadline(peers, host_target):
+    # Enough timed runs of the untuned tiny CNN to keep the board measuring for longer than the session.
+    _bench_frozen(peers, host_target, "benchfrozen", 1000000,
+                  lambda agent, port: freeze_in_session(agent, port, timeout=240))
 
 
 def _in_onnxruntime_session(agent) -> bool:
@@ -338,34 +345,15 @@ def _in_onnxruntime_session(agent) -> bool:
 def test_bench_on_a_board_frozen_inside_the_onnxruntime_session_fails_at_its_deadline(peers, host_target):
     # The same deadline as for a build's timing holds in the session that times ONNX Runtime on the board,
     # and nothing after it (removing the uploads from a board that no longer answers) waits again.
-    env = {**peer_env(), "EDGETUNE_BENCH_SESSION_SEC": "8", "EDGETUNE_BOARD_ANSWER_GRACE_SEC": "2"}
-    tracker = peers.tracker(advertise=False)
-    addr = f"127.0.0.1:{tracker.port}"
-    agent = peers.agent("benchortfrozen", "bench-ort-frozen", addr, advertise=False)
-    wait_registered(tracker.port, "benchortfrozen")
-    proc = subprocess.Popen([EDGETUNE, "bench", "tiny_cnn", "--device", "benchortfrozen", "--tracker", addr,
-                             "--target", json.dumps(host_target), "--runs", "3000", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    frozen_at = None
-    try:
+    def when_onnxruntime_runs(agent, _port) -> float:
         deadline = time.monotonic() + 240
-        while frozen_at is None and time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline:
             if _in_onnxruntime_session(agent):
-                frozen_at = freeze(agent)
-            else:
-                time.sleep(0.002)
-        assert frozen_at is not None, "the bench never opened an ONNX Runtime session on the board"
-        _, stderr = proc.communicate(timeout=STOP_LIMIT_SEC)
-        ended = time.monotonic() - frozen_at
-    finally:
-        thaw(agent)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    print(f"\nbench ended {ended:.1f} s after the board froze in the ONNX Runtime session")
-    assert proc.returncode == 1, stderr[-3000:]
-    assert f"board 127.0.0.1:{agent.port} stopped answering" in stderr and "Traceback" not in stderr
-    assert ended < 8 + 2 + 10
+                return freeze(agent)
+            time.sleep(0.002)
+        raise TimeoutError("the bench never opened an ONNX Runtime session on the board")
+
+    _bench_frozen(peers, host_target, "benchortfrozen", 3000, when_onnxruntime_runs)
 
 
 def test_a_board_frozen_during_the_finals_stops_the_finals_not_the_run(peers, host_target, tmp_path, monkeypatch):
