@@ -96,8 +96,8 @@ class _Display:
                    f"weights {event.get('weight_mb')} MB, the board's last-level cache {cache}")
             click.echo(f"timing: {how} ({why})", err=True)
             if event.get("overlap"):
-                click.echo("builds overlap measurements: the next batch is built while the boards time this one "
-                           "(no board of the key runs on this machine)", err=True)
+                click.echo("builds overlap measurements: the next batch is built while the boards time this one",
+                           err=True)
         elif kind == "baseline":
             if event.get("onnxruntime_p50_ms") is not None:
                 click.echo(f"ONNX Runtime on board {event['board']}: {event['onnxruntime_p50_ms']:.3f} ms (p50), "
