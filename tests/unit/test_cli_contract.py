@@ -60,18 +60,32 @@ def test_tasks_lists_each_distinct_kernel_once_most_benefit_first(host_target):
     assert tasks[0]["name"].startswith("fused_conv2d")
 
 
-def test_repeated_kernels_are_one_task_with_a_weight(host_target):
-    from pathlib import Path
+def test_repeated_kernels_are_one_task_with_a_weight(host_target, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
 
     from host.models.onnx_import import load_onnx
     from host.tuning.tasks import extract_tasks
 
-    # The shared models sit beside the checkout (../shared/models), in CI too.
-    model = Path(__file__).resolve().parents[3] / "shared" / "models" / "mobilenet_v2.onnx"
-    tasks = extract_tasks(load_onnx(model).mod, host_target)
+    # Three blocks of one shape (conv 3x3, 16 channels, then ReLU), as MobileNetV2 and ResNet repeat theirs.
+    rng = np.random.default_rng(3)
+    nodes, weights, x = [], [], "x"
+    for i in range(3):
+        weights.append(numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    shape = [1, 16, 16, 16]
+    graph = helper.make_graph(nodes, "repeated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], initializer=weights)
+    model = tmp_path / "repeated.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    tasks = extract_tasks(load_onnx(str(model)).mod, host_target)
     names = [t.name for t in tasks]
     assert len(names) == len(set(names))
-    assert max(t.weight for t in tasks) > 1  # MobileNetV2 repeats its blocks
+    convs = [t for t in tasks if "conv2d" in t.name]
+    assert len(convs) == 1 and convs[0].weight == 3
     assert sum(t.weight for t in tasks) > len(tasks)
 
 
