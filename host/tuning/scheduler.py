@@ -136,8 +136,7 @@ class WeightedScheduler(PyTaskScheduler):
         chosen = next_task(self.best_us(), self.weights, self.batches, [i for i in live if i not in self._running],
                            self.flops)
         if chosen is None and self._running:  # nothing else to choose: wait for that batch, then choose
-            self._join(self._running.pop(0))
-            live = [i for i, task in enumerate(outer.tasks_) if not task.is_terminated]
+            self._join(self._running.pop(0))  # a join ends no task: ``live`` still holds
             chosen = next_task(self.best_us(), self.weights, self.batches, live, self.flops)
         if chosen is None:
             return -1

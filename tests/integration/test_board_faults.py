@@ -44,10 +44,10 @@ NO_BOARD_SEC = 8
 STOP_LIMIT_SEC = 60
 
 
-def _tune_argv(key: str, tracker: str, log_dir: Path, trials: int, target: dict) -> list[str]:
+def _tune_argv(key: str, tracker: str, log_dir: Path, trials: int, target: dict, model: str = "tiny_cnn") -> list[str]:
     # The random strategy keeps the search itself fast (the cost model is not what is tested here);
     # the target is this machine's own (the agents run here), given so no mDNS is needed.
-    return [EDGETUNE, "tune", "tiny_cnn", "--device", key, "--trials", str(trials), "--log", str(log_dir),
+    return [EDGETUNE, "tune", model, "--device", key, "--trials", str(trials), "--log", str(log_dir),
             "--tracker", tracker, "--deadline", str(NO_BOARD_SEC), "--strategy", "random", "--seed", "1",
             "--target", json.dumps(target), "--json"]
 
@@ -369,9 +369,7 @@ def test_a_board_frozen_during_the_finals_stops_the_finals_not_the_run(peers, ho
     agent = peers.agent("finalsfrozen", "finals-frozen", addr, advertise=False)
     wait_registered(tracker.port, "finalsfrozen")
     log_dir = tmp_path / "log"
-    argv = [EDGETUNE, "tune", str(model), "--device", "finalsfrozen", "--trials", "24", "--log", str(log_dir),
-            "--tracker", addr, "--deadline", str(NO_BOARD_SEC), "--strategy", "random", "--seed", "1",
-            "--target", json.dumps(host_target), "--json"]
+    argv = _tune_argv("finalsfrozen", addr, log_dir, 24, host_target, model=str(model))
     frozen_at: list[float] = []
 
     def freeze_in_the_finals() -> None:
