@@ -8,7 +8,8 @@ minutes the tuning took. The builds are timed in ``--rounds`` alternating rounds
 Runtime is the median of the rounds' (each is listed too). The tuning logs are kept (``--logs``, default ``~/.cache/edgetune/bench-logs``)
 under a name of model, trials and variant, so a rerun measures again without tuning again.
 ``--layout NCHW`` (the model's own layout, as edgetune tuned before NHWC), ``--no-layout-rewrite``,
-``--hot-weights`` and ``--scheduler gradient|time-share`` tune the A/B variants of those levers.
+``--no-winograd``, ``--hot-weights`` and ``--scheduler gradient|time-share`` tune the A/B variants of
+those levers.
 Timings are taken only while nothing else is built: tuning first, then the builds, then the timings.
 """
 
@@ -41,6 +42,8 @@ def variant_name(args) -> str:
         parts.append(args.layout.lower())
     if args.no_layout_rewrite:
         parts.append("nolr")
+    if args.no_winograd:
+        parts.append("nowino")
     if args.hot_weights:
         parts.append("hot")
     if args.no_finals:
@@ -64,6 +67,7 @@ def main() -> None:
     parser.add_argument("--layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
                         help="A/B: the convolutions' data layout (NCHW: the model's own)")
     parser.add_argument("--no-layout-rewrite", action="store_true", help="A/B: tune without weight repacking")
+    parser.add_argument("--no-winograd", action="store_true", help="A/B: 3x3 convolutions as direct kernels")
     parser.add_argument("--scheduler", default="weighted", choices=("weighted", "time-share", "gradient"),
                         help="A/B: trials by the model's time alone (time-share), or MetaSchedule's gradient "
                              "scheduler with budget/tasks trials per batch")
@@ -93,6 +97,7 @@ def main() -> None:
                                              tracker=bed["tracker"], target=target, board=profile.as_dict(),
                                              seed=args.seed,
                                              layout_rewrite=not args.no_layout_rewrite, layout=args.layout,
+                                             winograd=not args.no_winograd,
                                              scheduler=args.scheduler,
                                              cold_weights=not args.hot_weights, finals=not args.no_finals,
                                              # Cold sessions: a store would seed one variant from another.
@@ -109,6 +114,7 @@ def main() -> None:
                 "tuning_minutes": round(float(session.get("elapsed_s", tuned_now)) / 60, 2),
                 "tuned_this_run": result.trials_this_run > 0, "log": str(log_dir),
                 "layout_rewrite": session.get("layout_rewrite"), "layout": session.get("layout"),
+                "winograd": session.get("winograd", False),
                 "onnxruntime_p50_ms": round(ort, 4), "untuned_p50_ms": round(untuned, 4), "tuned_p50_ms": round(tuned, 4),
                 # Median of the rounds' ratios (each round times both builds within seconds).
                 "tuned_over_onnxruntime": round(measured.onnxruntime_ratio, 3),

@@ -38,6 +38,7 @@ from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
 from ..tuning.layout import DEFAULT as DEFAULT_LAYOUT, log_layout
 from ..tuning.tasks import Task, compile_tuned, extract_tasks, log_layout_rewrite
+from ..tuning.winograd import log_winograd
 from ..tuning.finals import finals_database
 from ..tuning.timing import log_times_cold
 
@@ -277,7 +278,8 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
     has_records = log is not None and log.record_count() > 0
     layout_rewrite = log_layout_rewrite(log.session, has_records) if log is not None else True
     layout = log_layout(log.session, has_records) if log is not None else DEFAULT_LAYOUT
-    tasks = extract_tasks(model.mod, target, layout_rewrite, layout)
+    winograd = log_winograd(log.session, has_records) if log is not None else True
+    tasks = extract_tasks(model.mod, target, layout_rewrite, layout, winograd)
     coverage = task_coverage(tuned_db, tasks)
     tuned = sum(1 for c in coverage if c.tuned)
     untuned = [t for t, c in zip(tasks, coverage) if not c.tuned]
@@ -299,7 +301,7 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
 
     say("compiling the model")
     try:
-        executable = compile_tuned(database, model.mod, tvm_target, layout_rewrite, layout)
+        executable = compile_tuned(database, model.mod, tvm_target, layout_rewrite, layout, winograd)
     except Exception as err:  # noqa: BLE001 - report TVM's failure in one line
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         raise EdgetuneError(f"compiling {model.name} failed: {(lines[-1] if lines else type(err).__name__)[:300]}") from None
@@ -333,7 +335,7 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
                          "log": str(Path(log_dir).resolve()) if log_dir else None},
             "estimated_latency_ms": result.estimated_latency_ms, "toolchain": toolchain.compiler,
             "host_check": host_check,
-            "layout_rewrite": layout_rewrite, "layout": layout, "finals": chosen,
+            "layout_rewrite": layout_rewrite, "layout": layout, "winograd": winograd, "finals": chosen,
         }
         write_json_atomic(staging / "build.json", info)
         # Replace OUT's files only now that everything is written.

@@ -85,7 +85,9 @@ class _Display:
         if kind == "start":
             verb = "resuming" if event["resumed"] else "tuning"
             click.echo(f"{verb} {event['model']} on key {event['key']!r} ({event['boards']} board(s)): "
-                       f"{event['tasks']} tasks ({event.get('layout', 'NCHW')}), budget {event['budget']} trials, "
+                       f"{event['tasks']} tasks ({event.get('layout', 'NCHW')}"
+                       + (f", {event['winograd_tasks']} Winograd 3x3" if event.get("winograd_tasks") else "")
+                       + f"), budget {event['budget']} trials, "
                        f"{event['done']} done; log {event['log']}", err=True)
             from .timing import COLD_ABOVE_BYTES
 

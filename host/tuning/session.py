@@ -33,6 +33,7 @@ from ..tracker.client import TrackerAddr, servers_of_key, tracker_summary
 from .strategy import STRATEGIES
 from .layout import DEFAULT as DEFAULT_LAYOUT, log_layout
 from .tasks import Task, extract_tasks, log_layout_rewrite
+from .winograd import log_winograd
 from .timing import board_llc_kib, log_times_cold
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class TuneOptions:
     seed: int | None = None
     layout_rewrite: bool = True  # kernel form of a new log (a resumed log keeps its own)
     layout: str = DEFAULT_LAYOUT  # the convolutions' data layout in a new log (a resumed log keeps its own)
+    winograd: bool = True  # 3x3 convolutions as Winograd kernels in a new log (a resumed log keeps its own)
     # "weighted" (scheduler.next_task), "time-share" (the same without the kernels' room to improve), or
     # "gradient" (MetaSchedule's own, with budget / tasks trials per batch): the last two for A/Bs.
     scheduler: str = "weighted"
@@ -292,7 +294,8 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
             seed_records = store.seed_records(target, cold_weights)
         layout_rewrite = log_layout_rewrite(log.session, done_before > 0, options.layout_rewrite)
         layout = log_layout(log.session, done_before > 0, options.layout)
-        tasks = extract_tasks(model.mod, target, layout_rewrite, layout)
+        winograd = log_winograd(log.session, done_before > 0, options.winograd)
+        tasks = extract_tasks(model.mod, target, layout_rewrite, layout, winograd)
         if not tasks:
             raise EdgetuneError(f"{model.name} has no kernels to tune for this target")
         earlier = log.trials()
@@ -306,7 +309,7 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
         "model": model.describe(), "key": options.key, "target": target, "board": board,
         "strategy": options.strategy, "budget": options.trials, "trials_done": done_before,
         "tasks": [t.as_dict() for t in tasks], "early_stopping": options.early_stopping,
-        "layout_rewrite": layout_rewrite, "layout": layout, "cold_weights": cold_weights,
+        "layout_rewrite": layout_rewrite, "layout": layout, "winograd": winograd, "cold_weights": cold_weights,
     })
     session.setdefault("runs", [])
     _close_killed_runs(session["runs"], earlier, done_before)
@@ -382,6 +385,7 @@ def _open_run(run: _Run, emit: Callable[[Event], None]) -> None:
           "tasks": len(run.tasks), "budget": run.options.trials, "done": run.done_before, "boards": run.boards,
           "resumed": run.done_before > 0, "log": str(run.log.path), "cold_weights": run.session["cold_weights"],
           "layout": run.session["layout"], "weight_mb": round(run.model.weight_bytes / 1e6, 1),
+          "winograd_tasks": sum(1 for t in run.tasks if "winograd" in t.name),
           "llc_kib": board_llc_kib(run.board), "overlap": overlap})
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..logs.format import kernel_form, workload_key  # the key a tuning log gives a workload; re-exported for tuning
-from .layout import DEFAULT as DEFAULT_LAYOUT, convert_layout
+from .layout import DEFAULT as DEFAULT_LAYOUT, NHWC, convert_layout
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,11 @@ class Task:
                 "workload_hash": self.workload_hash}
 
 
-def lower_for_tuning(mod, target, layout_rewrite: bool = True, layout: str = DEFAULT_LAYOUT):
+def lower_for_tuning(mod, target, layout_rewrite: bool = True, layout: str = DEFAULT_LAYOUT,
+                     winograd: bool = True):
     """The Relax module at the point where the tuning log is applied: the convolutions in ``layout``
-    (see :mod:`.layout`), library dispatch, LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps,
+    (see :mod:`.layout`), library dispatch, LegalizeOps (with ``winograd``, 3x3 NHWC convolutions as
+    Winograd kernels: see :mod:`.winograd`), AnnotateTIROpPattern, FoldConstant, FuseOps,
     FuseTIR. Extracting tasks from the same form the build applies the log to keeps the tuning log's
     workloads and the build's kernels identical.
 
@@ -43,13 +45,15 @@ def lower_for_tuning(mod, target, layout_rewrite: bool = True, layout: str = DEF
     from tvm import relax
     from tvm.relax import pipeline as relax_pipeline
 
+    from .winograd import legalize_map as winograd_legalize_map
+
     try:
         dispatch = relax_pipeline.library_dispatch_passes(target)
     except (ValueError, AttributeError):
         dispatch = []
     seq = tvm.transform.Sequential([
         *dispatch,
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(winograd_legalize_map() if winograd and layout == NHWC else None),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -60,7 +64,8 @@ def lower_for_tuning(mod, target, layout_rewrite: bool = True, layout: str = DEF
         return seq(convert_layout(mod, layout))
 
 
-def compile_tuned(database, mod, target, layout_rewrite: bool = True, layout: str = DEFAULT_LAYOUT):
+def compile_tuned(database, mod, target, layout_rewrite: bool = True, layout: str = DEFAULT_LAYOUT,
+                  winograd: bool = True):
     """Compile ``mod`` with the schedules of ``database`` applied; returns a Relax VM executable.
 
     MetaSchedule's ``compile_relax`` with the weight repacking of TVM's ``static_shape_tuning``
@@ -74,7 +79,7 @@ def compile_tuned(database, mod, target, layout_rewrite: bool = True, layout: st
 
     @tvm.transform.module_pass(opt_level=3)
     def _pipeline(mod, _ctx):
-        mod = lower_for_tuning(mod, target, layout_rewrite, layout)
+        mod = lower_for_tuning(mod, target, layout_rewrite, layout, winograd)
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         if layout_rewrite:
             # Folding leaves each kernel's repacked weights as a tuple of constants taken apart at
@@ -98,15 +103,15 @@ def log_layout_rewrite(session: dict[str, Any], has_records: bool, wanted: bool 
 
 
 def extract_tasks(mod, target_dict: dict[str, Any], layout_rewrite: bool = True,
-                  layout: str = DEFAULT_LAYOUT) -> list[Task]:
+                  layout: str = DEFAULT_LAYOUT, winograd: bool = True) -> list[Task]:
     """The model's tuning tasks for ``target_dict``, most expected benefit (FLOPs x weight) first;
-    ``layout_rewrite`` and ``layout``: the kernel form (see :func:`lower_for_tuning`)."""
+    ``layout_rewrite``, ``layout`` and ``winograd``: the kernel form (see :func:`lower_for_tuning`)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
     target = tvm.target.Target(target_dict)
-    lowered = lower_for_tuning(mod, target, layout_rewrite, layout)
+    lowered = lower_for_tuning(mod, target, layout_rewrite, layout, winograd)
     extracted = ms.relax_integration.extract_tasks(lowered, target)
     tasks = []
     for task in extracted:

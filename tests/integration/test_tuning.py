@@ -318,6 +318,9 @@ def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_t
 
     session, history = session_of(cold_log["dir"]), history_of(cold_log["dir"])
     assert session["layout_rewrite"] is True and session["layout"] == "NHWC"
+    # tiny_cnn's one 3x3 stride-1 convolution (16 -> 32 channels at 32x32) is a Winograd kernel.
+    assert session["winograd"] is True
+    assert len([t for t in session["tasks"] if "winograd" in t["name"]]) == 1, [t["name"] for t in session["tasks"]]
     # Timed cold only when the weights do not fit in the board's last-level cache (the agent says its
     # size; tiny_cnn's 180 kB fit in any this machine has).
     from device_agent.probe import read_llc_kib
@@ -327,6 +330,7 @@ def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_t
     assert session["cold_weights"] is (llc_kib == 0 or 180_008 > llc_kib * 1024)
     (start,) = [e for e in cold_log["events"] if e["event"] == "start"]
     assert (start["cold_weights"], start["weight_mb"], start["llc_kib"]) == (session["cold_weights"], 0.2, llc_kib)
+    assert start["winograd_tasks"] == 1
     # ONNX Runtime was timed on the board before the first trial: the latency the session has to beat.
     assert session["baseline"]["onnxruntime_p50_ms"] > 0 and session["baseline"]["board"].startswith("127.0.0.1:")
     assert [e["event"] for e in cold_log["events"]].index("baseline") < [e["event"] for e in cold_log["events"]].index("trials")

@@ -1,0 +1,224 @@
+"""Winograd convolutions: a 3x3 convolution with a quarter of the multiplications.
+
+A direct 3x3 convolution multiplies every input value with nine weights per output channel. Winograd's
+F(4x4, 3x3) computes each 4x4 tile of the output from a 6x6 tile of the input: the input tile and the
+weights are transformed (``B^T d B`` and ``G g G^T``), multiplied element by element, summed over the
+input channels and transformed back (``A^T m A``). The sum over channels is a batch of 36 matrix
+products (``bgemm``) with 36 multiplications per 16 outputs and input channel where the direct
+convolution needs 144; the transforms cost a few additions per value. ONNX Runtime's CPU kernels run
+3x3 convolutions directly (NCHWc), so this is where a tuned model can pass it on resnet-style models.
+
+The weights are constants of the model, so their transform runs once, at build time (``FoldConstant``
+after legalization); the kernel that is tuned and shipped reads the transformed weights. The kernel's
+three stages are one tuning task (with the epilogue the model fuses into it): ``bgemm`` takes
+MetaSchedule's own multi-level tiling, and the two transforms take the rules here (every tile's 36
+values computed in unrolled code, the channels vectorised, the tiles in parallel), whose tile sizes
+the search samples and mutates like any other decision.
+
+Whether a tuning log's 3x3 convolutions are Winograd kernels is part of its kernel form (see
+:func:`log_winograd`); a log that does not say has direct ones. Numerically, F(4x4, 3x3) in float32
+differs from the direct sum by a few units in the sixth digit.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+TILE = 4  # F(4x4, 3x3): 6x6 input tiles
+MIN_CHANNELS = 16  # below this, the transforms cost more than the products they save
+# Transformed weights are 4x the size (36 values per 9): they pay where many tiles share them. At 14x14
+# and 7x7 (16 and 4 tiles; resnet18's last two stages, 256 and 512 channels) direct kernels were as fast
+# or faster after the same trials, and their weights are what a cold run reads from memory.
+MIN_TILES = 32
+DATA_PACK_RULE = "edgetune_winograd_data_pack"
+INVERSE_RULE = "edgetune_winograd_inverse"
+
+
+def log_winograd(session: dict[str, Any], has_records: bool, wanted: bool = True) -> bool:
+    """Whether a tuning log's 3x3 convolutions are Winograd kernels: what its session recorded; a log
+    with records from before the choice was recorded has direct ones; an empty log takes ``wanted``."""
+    from ..logs.format import kernel_form
+
+    return kernel_form(session, "winograd", has_records, False, wanted, lambda value: isinstance(value, bool))
+
+
+@lru_cache(maxsize=None)
+def _matrices(tile: int):
+    """Winograd's (A, B, G) for F(tile x tile, 3x3), as float64 numpy arrays (TVM's Cook-Toom points)."""
+    import numpy as np
+    from tvm.topi.nn import winograd_util
+
+    points = winograd_util._interpolation_points(tile + 2)  # noqa: SLF001 - TVM's own choice of points
+    a, b, g = winograd_util._cook_toom_convolution(points, tile, 3)  # noqa: SLF001
+    return np.array(a, dtype="float64"), np.array(b, dtype="float64"), np.array(g, dtype="float64")
+
+
+def _transform(matrix: Any, i: Any, read: Any, dtype: str) -> Any:
+    """``sum_a matrix[a, i] * read(a)`` with the zero terms left out and the unit coefficients as plain
+    additions: one short expression per value of ``i``, chosen by ``i``. Once the rules unroll ``i``,
+    each value is two to five additions with constants (the 2-D transforms are two of these)."""
+    from tvm import tirx
+
+    rows, cols = matrix.shape
+    expr = None
+    for ii in range(cols):
+        terms = None
+        for a in range(rows):
+            coeff = float(matrix[a, ii])
+            if coeff == 0.0:
+                continue
+            term = read(a)
+            if coeff == -1.0:
+                term = -term
+            elif coeff != 1.0:
+                term = term * tirx.const(coeff, dtype)
+            terms = term if terms is None else terms + term
+        expr = terms if expr is None else tirx.Select(i == ii, terms, expr)
+    return expr
+
+
+def weight_transform(weight: Any, tile: int = TILE) -> Any:
+    """The transformed weights ``[6, 6, CI, CO]`` of OHWI 3x3 weights (run at build time): the output
+    channels innermost, as the products read them (a vector of output channels per input value)."""
+    from tvm import te
+    from tvm.topi.utils import const_matrix
+
+    co_n, kh_n, kw_n, ci_n = (int(d) for d in weight.shape)
+    alpha = tile + 2
+    g = const_matrix(_matrices(tile)[2].astype(str(weight.dtype)), "G")
+    kh = te.reduce_axis((0, kh_n), "r_kh")
+    kw = te.reduce_axis((0, kw_n), "r_kw")
+    return te.compute((alpha, alpha, ci_n, co_n),
+                      lambda eps, nu, ci, co: te.sum(weight[co, kh, kw, ci] * g[eps, kh] * g[nu, kw], axis=[kh, kw]),
+                      name="winograd_weight")
+
+
+def conv2d_nhwc(data: Any, packed: Any, tile: int = TILE) -> Any:
+    """A 3x3, stride-1, padding-1 NHWC convolution of ``data`` with transformed weights ``packed``."""
+    from tvm import te, tirx
+    from tvm.topi.nn.pad import pad
+
+    n_n, h_n, w_n, ci_n = (int(d) for d in data.shape)
+    alpha, co_n, dtype = tile + 2, int(packed.shape[3]), data.dtype
+    a_mat, b_mat, _ = _matrices(tile)
+    tiles_h, tiles_w = (h_n + tile - 1) // tile, (w_n + tile - 1) // tile
+    per_image = tiles_h * tiles_w
+    padded = pad(data, (0, 1, 1, 0), (0, tiles_h * tile + 1 - h_n, tiles_w * tile + 1 - w_n, 0),
+                 name="winograd_pad", attrs={"schedule_rule": "None"})
+
+    def input_tile(a, b, p, ci):
+        return padded[p // per_image, (p // tiles_w) % tiles_h * tile + a, p % tiles_w * tile + b, ci]
+
+    tiles = n_n * per_image
+    # B^T d B as two 1-D transforms: the rows of every tile, then its columns.
+    data_rows = te.compute(
+        (alpha, alpha, tiles, ci_n),
+        lambda eps, b, p, ci: _transform(b_mat, eps, lambda a: input_tile(a, b, p, ci), dtype),
+        name="data_pack_rows", attrs={"schedule_rule": "None"})
+    data_pack = te.compute(
+        (alpha, alpha, tiles, ci_n),
+        lambda eps, nu, p, ci: _transform(b_mat, nu, lambda b: data_rows[eps, b, p, ci], dtype),
+        name="data_pack", attrs={"schedule_rule": DATA_PACK_RULE})
+    ci = te.reduce_axis((0, ci_n), "ci")
+    bgemm = te.compute((alpha, alpha, tiles, co_n),
+                       lambda eps, nu, p, co: te.sum(data_pack[eps, nu, p, ci] * packed[eps, nu, ci, co], axis=[ci]),
+                       name="bgemm")
+    # A reduction of one step: MetaSchedule's tiling of bgemm fuses a *spatial* consumer into its tiles,
+    # which the transform's constant indices cannot take.
+    one = te.reduce_axis((0, 1), "one")
+    inverse_rows = te.compute(
+        (tile, alpha, tiles, co_n),
+        lambda vh, b, p, co: te.sum(_transform(a_mat, vh, lambda a: bgemm[a + one, b, p, co], dtype), axis=[one]),
+        name="inverse_rows", attrs={"schedule_rule": "None"})
+    inverse = te.compute(
+        (tile, tile, tiles, co_n),
+        lambda vh, vw, p, co: _transform(a_mat, vw, lambda b: inverse_rows[vh, b, p, co], dtype),
+        name="inverse", attrs={"schedule_rule": INVERSE_RULE})
+    return te.compute((n_n, h_n, w_n, co_n),
+                      lambda n, h, w, co: inverse[h % tile, w % tile,
+                                                  n * per_image + h // tile * tiles_w + w // tile, co],
+                      name="conv2d_winograd")
+
+
+def eligible(call: Any) -> bool:
+    """Whether a ``relax.nn.conv2d`` call is one this module computes: NHWC/OHWI float32, 3x3, stride 1,
+    dilation 1, one group, padding 1 on every side, static shapes, at least MIN_CHANNELS channels and
+    MIN_TILES output tiles."""
+    attrs = call.attrs
+    try:
+        data_shape = [int(d) for d in call.args[0].ty.shape]
+        weight_shape = [int(d) for d in call.args[1].ty.shape]
+    except (TypeError, AttributeError):
+        return False
+    return (attrs.data_layout == "NHWC" and attrs.kernel_layout == "OHWI" and attrs.out_layout == "NHWC"
+            and [int(s) for s in attrs.strides] == [1, 1] and [int(d) for d in attrs.dilation] == [1, 1]
+            and int(attrs.groups) == 1 and [int(p) for p in attrs.padding] == [1, 1, 1, 1]
+            and str(call.args[0].ty.dtype) == "float32" and str(call.args[1].ty.dtype) == "float32"
+            and (attrs.out_dtype is None or str(attrs.out_dtype) in ("", "void", "float32"))
+            and len(data_shape) == 4 and len(weight_shape) == 4 and weight_shape[1:3] == [3, 3]
+            and weight_shape[3] == data_shape[3] >= MIN_CHANNELS and weight_shape[0] >= MIN_CHANNELS
+            and -(-data_shape[1] // TILE) * -(-data_shape[2] // TILE) >= MIN_TILES)
+
+
+def legalize_map() -> dict[str, Any]:
+    """``LegalizeOps``' customisation: eligible 3x3 convolutions become a weight transform (folded at
+    build time) and a Winograd kernel; every other convolution takes TVM's own legalization."""
+    import tvm
+
+    register_rules()
+    default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+
+    def conv2d(bb, call):
+        if not eligible(call):
+            return default(bb, call)
+        packed = bb.emit_te(weight_transform, call.args[1], primfunc_name_hint="winograd_weight")
+        return bb.call_te(conv2d_nhwc, call.args[0], packed, primfunc_name_hint="conv2d_winograd")
+
+    return {"relax.nn.conv2d": conv2d}
+
+
+def _transform_schedule(sch: Any, block: Any) -> list[Any]:
+    """A 2-D transform's schedule: tiles x channels split by sampled factors, the outer parts in
+    parallel, the inner channels vectorised, and per tile the values of both 1-D passes unrolled (the
+    row pass computed there, into a few registers' worth of values)."""
+    (rows,) = sch.get_producers(block)
+    loops = sch.get_loops(block)
+    corner, (tiles, channels) = loops[:2], loops[2:4]
+    tiles_out, tiles_in = sch.split(tiles, sch.sample_perfect_tile(tiles, n=2, max_innermost_factor=16))
+    chan_out, chan_in = sch.split(channels, sch.sample_perfect_tile(channels, n=2, max_innermost_factor=64))
+    sch.reorder(tiles_out, chan_out, tiles_in, *corner, chan_in)
+    for loop in corner:
+        sch.unroll(loop)
+    sch.compute_at(rows, tiles_in, preserve_unit_loops=True)
+    outer, inner, _tile, chan = sch.get_loops(rows)[-4:] if len(sch.get(rows).iter_vars) == 4 \
+        else sch.get_loops(rows)[-5:-1]
+    sch.unroll(outer)
+    sch.unroll(inner)
+    sch.vectorize(chan)
+    sch.parallel(sch.fuse(tiles_out, chan_out))
+    sch.vectorize(chan_in)
+    return [sch]
+
+
+def _data_pack_rule(sch: Any, block: Any) -> list[Any]:
+    (rows,) = sch.get_producers(block)
+    for producer in sch.get_producers(rows):  # the padding: read in place
+        sch.compute_inline(producer)
+    return _transform_schedule(sch, block)
+
+
+_registered = False
+
+
+def register_rules() -> None:
+    """Register the transforms' schedule rules with MetaSchedule (for every CPU target, once)."""
+    global _registered
+    if _registered:
+        return
+    import tvm
+
+    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{DATA_PACK_RULE}", _data_pack_rule, override=True)
+    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{INVERSE_RULE}", _transform_schedule, override=True)
+    _registered = True
+
