@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..logs.format import kernel_form, workload_key  # the key a tuning log gives a workload; re-exported for tuning
-from .layout import DEFAULT as DEFAULT_LAYOUT, NHWC, convert_layout
+from .layout import DEFAULT as DEFAULT_LAYOUT, convert_layout
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def lower_for_tuning(mod, target, layout_rewrite: bool = True, layout: str = DEF
         dispatch = []
     seq = tvm.transform.Sequential([
         *dispatch,
-        relax.transform.LegalizeOps(winograd_legalize_map() if winograd and layout == NHWC else None),
+        relax.transform.LegalizeOps(winograd_legalize_map() if winograd else None),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

@@ -191,8 +191,8 @@ def _transform_schedule(sch: Any, block: Any) -> list[Any]:
     for loop in corner:
         sch.unroll(loop)
     sch.compute_at(rows, tiles_in, preserve_unit_loops=True)
-    outer, inner, _tile, chan = sch.get_loops(rows)[-4:] if len(sch.get(rows).iter_vars) == 4 \
-        else sch.get_loops(rows)[-5:-1]
+    # Under tiles_in: the row pass's own loops (then, for the inverse, its one-step reduction).
+    outer, inner, _tile, chan = sch.get_loops(rows)[3:7]
     sch.unroll(outer)
     sch.unroll(inner)
     sch.vectorize(chan)
