@@ -202,10 +202,20 @@ def _transform_schedule(sch: Any, block: Any) -> list[Any]:
 
 
 def _data_pack_rule(sch: Any, block: Any) -> list[Any]:
+    """The input transform's schedule, with each tile's 6x6 input values (the padding included)
+    copied next to it, channels vectorised.
+
+    Reading the padded input in place puts the padding's bounds test into every term of the
+    unrolled row pass: the candidates then took twice as long to compile and to extract cost-model
+    features from (0.58 s against 0.29 s, 36 ms against 17.5 ms on tiny_cnn's kernel), for kernels
+    within the run-to-run noise of these (1.02x median of 8 tuned schedules on resnet18's 56x56)."""
     (rows,) = sch.get_producers(block)
-    for producer in sch.get_producers(rows):  # the padding: read in place
-        sch.compute_inline(producer)
-    return _transform_schedule(sch, block)
+    (pad,) = sch.get_producers(rows)
+    _transform_schedule(sch, block)
+    tiles_in = sch.get_loops(block)[1]
+    sch.compute_at(pad, tiles_in, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(pad)[-1])
+    return [sch]
 
 
 _registered = False
