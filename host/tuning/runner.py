@@ -22,7 +22,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFuture, RunnerInput, RunnerResult
 from tvm.s_tir.meta_schedule.runner.rpc_runner import (
@@ -46,18 +46,14 @@ logger = logging.getLogger(__name__)
 MAX_BOARD_ATTEMPTS = 2
 
 
-def boards_elsewhere(tracker: TrackerAddr, key: str) -> bool:
-    """True when every board registered under ``key`` runs on another machine than this one (its address
-    is none of this machine's): only then may the workstation build while a board times, without the
-    build skewing the timing. False with no board, or with the tracker unreachable."""
+def boards_elsewhere(hosts: Sequence[str]) -> bool:
+    """True when every board runs on another machine than this one (``hosts``: the addresses the tracker
+    lists them under, none of them this machine's): only then may the workstation build while a board
+    times, without the build skewing the timing. False with no board."""
     import ipaddress
 
     import psutil
 
-    try:
-        servers = servers_of_key(tracker_summary(tracker), key)
-    except EdgetuneError:  # no tracker, or none this machine can talk to: the session says so itself
-        return False
     mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
 
     def here(host: str) -> bool:
@@ -66,7 +62,6 @@ def boards_elsewhere(tracker: TrackerAddr, key: str) -> bool:
         except ValueError:  # a name, not an address
             return host in ("localhost", os.uname().nodename)
 
-    hosts = [str(s.get("addr", [""])[0]) for s in servers]
     return bool(hosts) and not any(here(h) for h in hosts)
 
 

@@ -190,6 +190,7 @@ class _Run:
     done_before: int
     progress: _Progress
     store: Any = None  # the schedule store (ScheduleStore) the run seeds from and adds to, None without one
+    board_hosts: tuple[str, ...] = ()  # the addresses the tracker listed the key's boards under at the start
     entry: dict[str, Any] = field(default_factory=dict)  # this run in session.json's "runs"
     budget: Any = None  # strategy.Budget, once the search is made
     started: float = field(default_factory=time.monotonic)
@@ -286,7 +287,7 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
             if Path(options.from_log).resolve() == Path(options.log_dir).resolve():
                 raise EdgetuneError("--from-log is the same folder as --log: resuming needs no --from-log")
             seed_records = list(TuningLog.open(options.from_log).database().get_all_tuning_records())
-        boards = _check_boards(options.tracker, options.key)
+        servers = _check_boards(options.tracker, options.key)
         done_before = log.record_count()
         cold_weights = log_times_cold(log.session, done_before > 0, model.weight_bytes, board, options.cold_weights)
         store = _open_store(options)
@@ -320,8 +321,8 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
     if store is not None:
         session["schedules"] = {"store": _store_name(store), "seed_records": len(seed_records)
                                 if not options.from_log else 0}
-    return _Run(options, model, log, target, board, toolchain, tasks, seed_records, boards, done_before, progress,
-                store)
+    return _Run(options, model, log, target, board, toolchain, tasks, seed_records, len(servers), done_before,
+                progress, store, tuple(str(s.get("addr", [""])[0]) for s in servers))
 
 
 def _open_store(options: TuneOptions) -> Any:
@@ -374,7 +375,7 @@ def _open_run(run: _Run, emit: Callable[[Event], None]) -> None:
     if overlap is None:
         from .runner import boards_elsewhere
 
-        overlap = boards_elsewhere(run.options.tracker, run.options.key)
+        overlap = boards_elsewhere(run.board_hosts)
     run.entry = {"started": now_iso(), "ended": None, "trials": 0, "status": Status.RUNNING, "boards": run.boards,
                  "overlap": overlap}
     run.session["runs"].append(run.entry)
@@ -815,16 +816,17 @@ def resolve_board_target(key: str, timeout: float | None = None) -> tuple[dict[s
     return records[0].target(), records[0].as_dict()
 
 
-def _check_boards(tracker: TrackerAddr, key: str) -> int:
+def _check_boards(tracker: TrackerAddr, key: str) -> list[dict[str, Any]]:
+    """The boards registered under ``key`` (the tracker's entries); raises when there is none."""
     summary = tracker_summary(tracker)
-    boards = len(servers_of_key(summary, key))
-    if boards == 0:
+    servers = servers_of_key(summary, key)
+    if not servers:
         keys = sorted({s.get("key", "").split(":", 1)[-1] for s in summary.get("server_info", [])})
         raise EdgetuneError(
             f"no board is registered under key {key!r} at tracker {tracker[0]}:{tracker[1]} "
             f"(keys there: {', '.join(keys) or 'none'}): check --device, or start `edgetune-agent serve --key {key}`"
         )
-    return boards
+    return servers
 
 
 def _close_killed_runs(runs: list[dict], trials: list[Trial], records: int) -> None:

@@ -95,3 +95,24 @@ def test_overlap_seconds_counts_build_time_during_any_measurement_once():
     assert overlap_seconds([(0.5, 1.5), (3.0, 5.0)], measurements) == 1.0  # 0.5-1.5 once, not twice
     assert overlap_seconds([(6.0, 7.0)], measurements) == 0.0
     assert overlap_seconds([], measurements) == 0.0 and overlap_seconds([(0.0, 1.0)], []) == 0.0
+
+
+def test_builds_overlap_timings_only_when_every_board_is_another_machine():
+    """The hosts are the addresses the tracker lists a key's boards under: a build on this machine may
+    only run beside a timing when none of them is this machine."""
+    import os
+
+    import psutil
+
+    from host.tuning.runner import boards_elsewhere
+
+    mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    lan = sorted(a for a in mine if ":" not in a and not a.startswith("127."))  # this machine's IPv4 on the LAN
+    assert lan, f"this machine has no LAN address: {sorted(mine)}"
+    others = [a for a in ("198.51.100.7", "203.0.113.9", "192.0.2.77") if a not in mine][:2]
+    assert len(others) == 2
+    assert boards_elsewhere(others) is True
+    assert boards_elsewhere([]) is False  # no board: nothing to overlap with
+    for here in ("127.0.0.1", "::1", "localhost", os.uname().nodename, lan[0]):
+        assert boards_elsewhere([here]) is False, here
+        assert boards_elsewhere([others[0], here]) is False, here  # one board here: its timings would be skewed
