@@ -16,7 +16,11 @@ from tests import peers  # noqa: E402  (the same real peers the tests use)
 
 @contextlib.contextmanager
 def local_board(key: str = "bench", open_mode: bool = False):
-    """``open_mode``: tracker and agent also serve stock TVM clients (stock MetaSchedule's RPCRunner)."""
+    """``open_mode``: tracker and agent also serve stock TVM clients (stock MetaSchedule's RPCRunner).
+
+    While the bed is up, whatever is printed goes to stderr: stdout is for the figures' JSON printed
+    after it, and MetaSchedule's loggers print their tables to stdout from a process's second session
+    on (its logger set-up puts them back at DEBUG), whatever level the bench set."""
     from device_agent.auth import TEAM_KEY_ENV, create_team_key
 
     work = Path(tempfile.mkdtemp(prefix="edgetune-bench-"))
@@ -28,7 +32,8 @@ def local_board(key: str = "bench", open_mode: bool = False):
         agent = peers.start_agent(work / "peers", key, "bench-board", f"127.0.0.1:{tracker.port}", work / "store",
                                   advertise=False, args=extra)
         peers.wait_registered(tracker.port, key)
-        yield {"tracker": ("127.0.0.1", tracker.port), "key": key, "work": work}
+        with contextlib.redirect_stdout(sys.stderr):
+            yield {"tracker": ("127.0.0.1", tracker.port), "key": key, "work": work}
     finally:
         if agent is not None:
             agent.stop()
