@@ -186,15 +186,18 @@ class _Run:
     toolchain: Any
     tasks: list[Task]
     seed_records: list[Any]
-    boards: int
+    board_hosts: tuple[str, ...]  # the addresses the tracker listed the key's boards under at the start
     done_before: int
     progress: _Progress
     store: Any = None  # the schedule store (ScheduleStore) the run seeds from and adds to, None without one
-    board_hosts: tuple[str, ...] = ()  # the addresses the tracker listed the key's boards under at the start
     entry: dict[str, Any] = field(default_factory=dict)  # this run in session.json's "runs"
     budget: Any = None  # strategy.Budget, once the search is made
     started: float = field(default_factory=time.monotonic)
     trials_done: int = 0
+
+    @property
+    def boards(self) -> int:
+        return len(self.board_hosts)
 
     @property
     def session(self) -> dict[str, Any]:
@@ -321,8 +324,9 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
     if store is not None:
         session["schedules"] = {"store": _store_name(store), "seed_records": len(seed_records)
                                 if not options.from_log else 0}
-    return _Run(options, model, log, target, board, toolchain, tasks, seed_records, len(servers), done_before,
-                progress, store, tuple(str(s.get("addr", [""])[0]) for s in servers))
+    hosts = tuple(str(s.get("addr", [""])[0]) for s in servers)
+    return _Run(options, model, log, target, board, toolchain, tasks, seed_records, hosts, done_before, progress,
+                store)
 
 
 def _open_store(options: TuneOptions) -> Any:

@@ -100,15 +100,15 @@ def test_overlap_seconds_counts_build_time_during_any_measurement_once():
 def test_builds_overlap_timings_only_when_every_board_is_another_machine():
     """The hosts are the addresses the tracker lists a key's boards under: a build on this machine may
     only run beside a timing when none of them is this machine."""
+    import ipaddress
     import os
 
-    import psutil
-
+    from device_agent.mdns import local_ipv4_addresses
     from host.tuning.runner import boards_elsewhere
 
-    mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
-    lan = sorted(a for a in mine if ":" not in a and not a.startswith("127."))  # this machine's IPv4 on the LAN
-    assert lan, f"this machine has no LAN address: {sorted(mine)}"
+    mine = local_ipv4_addresses()
+    lan = [a for a in mine if not ipaddress.ip_address(a).is_loopback]
+    assert lan, f"this machine has no LAN address: {mine}"
     others = [a for a in ("198.51.100.7", "203.0.113.9", "192.0.2.77") if a not in mine][:2]
     assert len(others) == 2
     assert boards_elsewhere(others) is True
