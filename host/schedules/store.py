@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Sequence
 
 from ..errors import EdgetuneError
 from ..logs.format import (RECORD_FILE, SESSION_FILE, WORKLOAD_FILE, TuningLogError, database_key, mean_run_secs,
@@ -596,24 +596,31 @@ class ScheduleStore:
         found = self.best_records(cpu_class(target), self.find_workloads(mod), cold_weights, 1)
         return found[0] if found else None
 
-    def seed_records(self, target: Any, cold_weights: bool = False, per_workload: int = SEED_PER_WORKLOAD,
-                     limit: int = SEED_LIMIT) -> list[Any]:
+    def seed_records(self, target: Any, cold_weights: bool = False, own: Collection[str] = (),
+                     per_workload: int = SEED_PER_WORKLOAD, limit: int = SEED_LIMIT) -> list[Any]:
         """What a new session of ``target`` that times ``cold_weights`` starts from: the best measured
         records of each workload of its CPU class (``per_workload`` each, ``limit`` in all, workloads with
-        the fastest records first), as TVM ``TuningRecord`` objects. Only records timed as the session will
-        time their kernel: a hot time next to cold ones would mislead the cost model and the seed replay."""
+        the fastest records first), as TVM ``TuningRecord`` objects, each workload's of one timing only.
+        The session's own kernels (``own``: their workload hashes, as ``session.json`` keys tasks) only
+        with records timed as the session will time them: those are replayed and compared with its trials.
+        Another model's kernels, which only train the cost model, with the other timing's records when the
+        store has none of the session's: the model compares a workload's times with each other only, so a
+        kernel timed hot still teaches which of its schedules are fast."""
         from tvm.s_tir.meta_schedule.database import TuningRecord
 
         klass = cpu_class(target)
+        own = set(own)
         seeds: list[Any] = []
         for best in self.best_by_workload(klass):
             if best.best_us is None or len(seeds) >= limit:
                 continue
             wanted = self._timing_of(klass, [best.digest], cold_weights)
+            room = min(per_workload, limit - len(seeds))
+            found = self.records(klass, [best.digest], measured_only=True, timing=wanted, limit=room)
+            if not found and database_key(best.shash) not in own:
+                found = self.records(klass, [best.digest], measured_only=True, limit=room)
             workload = self.workload(best.digest)
-            for stored in self.records(klass, [best.digest], measured_only=True, timing=wanted,
-                                       limit=min(per_workload, limit - len(seeds))):
-                seeds.append(TuningRecord.from_json(stored.record, workload))
+            seeds.extend(TuningRecord.from_json(stored.record, workload) for stored in found)
         return seeds
 
     def database(self, target: Any, source: str = "", names: dict[str, str] | None = None,

@@ -114,7 +114,7 @@ class _Display:
                            "estimated", err=True)
         elif kind == "seeded":
             click.echo(f"starting from {event['source']}: {event['records']} records "
-                       f"({event['pretrained']} trained the cost model; the best of {event['tasks_matched']} "
+                       f"({event['pretrained']} trained the cost model; the best schedules of {event['tasks_matched']} "
                        "of this model's tasks are measured first)", err=True)
         elif kind == "trials":
             self.bests[event["task"]] = (event["best_us"], event["gflops"])

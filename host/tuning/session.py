@@ -25,7 +25,7 @@ from device_agent.schema import check_key, target_to_json
 from .. import config
 from ..errors import AgentError, EdgetuneError
 from ..logs.format import Status, Trial, mean_run_secs, mean_run_us, workload_key
-from ..logs.results import TaskResult, estimated_latency_ms, gflops, tally_records, tally_trials
+from ..logs.results import TaskResult, estimated_latency_ms, gflops, tally_trials
 from ..logs.tuninglog import TuningLog, now_iso
 from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
@@ -44,6 +44,9 @@ Event = dict[str, Any]
 BASELINE_RUNS = 20
 RESUME_MESSAGE = "interrupted: run the same command again to resume"
 SCHEDULERS = ("weighted", "time-share", "gradient")
+# The seed's schedules of a task measured again at the start of a seeded session: its best, and the
+# runners-up within a quarter of the budget (replay_order).
+SEED_REPLAYS = 3
 
 
 @dataclass
@@ -294,14 +297,14 @@ def _prepare(options: TuneOptions, emit: Callable[[Event], None]) -> _Run:
         done_before = log.record_count()
         cold_weights = log_times_cold(log.session, done_before > 0, model.weight_bytes, board, options.cold_weights)
         store = _open_store(options)
-        if store is not None and not options.from_log and done_before == 0:
-            seed_records = store.seed_records(target, cold_weights)
         layout_rewrite = log_layout_rewrite(log.session, done_before > 0, options.layout_rewrite)
         layout = log_layout(log.session, done_before > 0, options.layout)
         winograd = log_winograd(log.session, done_before > 0, options.winograd)
         tasks = extract_tasks(model.mod, target, layout_rewrite, layout, winograd)
         if not tasks:
             raise EdgetuneError(f"{model.name} has no kernels to tune for this target")
+        if store is not None and not options.from_log and done_before == 0:
+            seed_records = store.seed_records(target, cold_weights, own=[t.workload_hash for t in tasks])
         earlier = log.trials()
     except BaseException:
         log.close()
@@ -509,7 +512,8 @@ def _measure_untuned(run: _Run, search: _Search, emit: Callable[[Event], None]) 
 
 def _seed(run: _Run, search: _Search) -> None:
     """Start from what is known: train the cost model on the log's own records (a resumed log) and on the
-    seed log's (``--from-log``), then measure the seed log's best schedule of each task on this board."""
+    seed's (``--from-log``, or the schedule store's), then measure the seed's best schedules of each task
+    on this board (replay_order)."""
     cost_info = search.cost_info
     if run.options.strategy == "xgb":
         own = list(search.database.get_all_tuning_records()) if run.done_before else []
@@ -519,11 +523,10 @@ def _seed(run: _Run, search: _Search) -> None:
     run.session["cost_model"] = cost_info
     run.log.save_session()
     if run.seed_records and run.done_before == 0:
-        seed_results = tally_records([TaskResult.of_task(t) for t in run.tasks], run.seed_records)
-        best = {r.index: r.record for r in seed_results if r.record is not None and r.index is not None}
+        tops = seed_tops(run.tasks, run.seed_records, SEED_REPLAYS)
         run.progress.on_event({"event": "seeded", "source": cost_info["seeded_from"], "records": len(run.seed_records),
-                     "pretrained": cost_info.get("pretrained_on_seed", 0), "tasks_matched": len(best)})
-        cost_info["replayed_seed_best"] = _replay(best, run, search)
+                     "pretrained": cost_info.get("pretrained_on_seed", 0), "tasks_matched": len(tops)})
+        cost_info["replayed_seed_best"], cost_info["replayed_seed"] = _replay(tops, run, search)
         run.log.save_session()
 
 
@@ -576,26 +579,64 @@ def _measure_once(run: _Run, search: _Search, runner: Any, mod: Any,
     return ran.run_secs, ran.error_msg, board
 
 
-def _replay(seed_best: dict[int, Any], run: _Run, search: _Search) -> int:
-    """Measure the seed log's best schedule of each task on this board first (they count as trials)."""
+def seed_tops(tasks: list[Task], records: list[Any], per_task: int) -> dict[int, list[Any]]:
+    """The seed records of each task (by workload hash) worth measuring again: its ``per_task`` fastest
+    distinct schedules, fastest first. ``{task index: records}``; tasks without a measured seed are left out."""
+    from .finals import trace_key
+
+    by_hash = {t.workload_hash: i for i, t in enumerate(tasks)}
+    tops: dict[int, list[Any]] = {}
+    seen: set[tuple[int, str]] = set()
+    timed = [(secs, r) for r in records if (secs := mean_run_secs(r.run_secs)) is not None]
+    for _, record in sorted(timed, key=lambda pair: pair[0]):
+        index = by_hash.get(workload_key(record.workload.mod))
+        if index is None or len(tops.get(index, ())) >= per_task:
+            continue
+        key = (index, trace_key(record.trace))
+        if key not in seen:
+            seen.add(key)
+            tops.setdefault(index, []).append(record)
+    return tops
+
+
+def replay_order(tops: dict[int, list[Any]], budget: int) -> list[tuple[int, Any]]:
+    """The order the seed's schedules are measured in, ``(task, record)``: the best of every task first,
+    then the runners-up rank by rank while they take no more than a quarter of ``budget`` (a task's best
+    logged time is the luckiest of many noisy timings; one new timing of it regresses towards its mean, and
+    the next best schedules are as likely to be the fastest here)."""
+    order = [(index, records[0]) for index, records in sorted(tops.items())]
+    room = budget // 4
+    for rank in range(1, max((len(r) for r in tops.values()), default=0)):
+        for index, records in sorted(tops.items()):
+            if rank < len(records) and room > 0:
+                order.append((index, records[rank]))
+                room -= 1
+    return order
+
+
+def _replay(tops: dict[int, list[Any]], run: _Run, search: _Search) -> tuple[int, int]:
+    """Measure the seed's best schedules of each task on this board first (they count as trials): (tasks
+    whose best was measured, schedules measured)."""
     from ..schedules.store import rebind
 
-    replayed = 0
-    for idx in sorted(seed_best):
+    replayed, best_of = 0, set()
+    for idx, record in replay_order(tops, run.budget.remaining):
         if run.budget.take(1) == 0:
             break
         # The seed's trace is rebound to this session's kernel (block names differ between models), so
         # the record committed below applies to the workload it is filed under.
         workload = search.database.commit_workload(search.contexts[idx].mod)
         try:
-            candidate = rebind(seed_best[idx], workload).as_measure_candidate()
+            candidate = rebind(record, workload).as_measure_candidate()
         except Exception as err:  # noqa: BLE001
             logger.debug("seed record does not apply: %s", err)
             run.budget.remaining += 1
             continue
         _trial(run, search, idx, workload, candidate.sch, candidate.args_info)
         replayed += 1
-    return replayed
+        if record is tops[idx][0]:
+            best_of.add(idx)
+    return len(best_of), replayed
 
 
 def _trial(run: _Run, search: _Search, task: int, workload: Any, sch: Any, args_info: Any,

@@ -46,10 +46,17 @@ def test_a_session_adds_to_the_store_and_the_next_starts_from_it(tuning_bed, hos
     assert cost["seeded_from"] == f"schedule store {store}"
     assert cost["pretrained_on_seed"] == 12
     assert cost["replayed_seed_best"] == len(measured_tasks)
-    # The replayed schedules are the session's first trials, one per matched task, and count as trials.
+    # The replayed schedules are the session's first trials and count as trials: the best of each matched
+    # task, then runners-up of the tasks the first session measured more than once, within a quarter of
+    # the budget (10 // 4).
+    measured = [h["task"] for h in history_of(tmp_path / "first") if h["latency_us"] is not None]
+    runners_up = sorted({t for t in measured if measured.count(t) > 1})
+    assert runners_up, "the first session measured no task twice: nothing to check the runners-up on"
+    assert cost["replayed_seed"] == len(measured_tasks) + min(2, sum(min(2, measured.count(t) - 1) for t in runners_up))
     history = history_of(tmp_path / "second")
     assert len(history) == 10
     assert sorted(h["task"] for h in history[:len(measured_tasks)]) == sorted(measured_tasks)
+    assert {h["task"] for h in history[len(measured_tasks):cost["replayed_seed"]]} <= set(runners_up)
     # The second session's own new records joined the store; the replayed ones were there already.
     assert session["schedules"]["seed_records"] == 12
     assert 12 <= _store_records(store)[klass] <= 22

@@ -206,6 +206,7 @@ def test_from_log_starts_with_trained_model_and_a_good_first_batch(cold_log, tun
     assert cost["trained_before_first_trial"] is True
     tasks = len(session["tasks"])
     assert cost["replayed_seed_best"] == tasks
+    assert tasks < cost["replayed_seed"] <= tasks + 10 // 4  # then runners-up, within a quarter of the budget
 
     # The first batch of the seeded session re-measures the cold log's best schedule of each task: its
     # first trial of every task is that schedule (the same trace), not one the search found again.

@@ -257,6 +257,56 @@ def test_records_are_filed_and_served_by_how_they_were_timed(store: ScheduleStor
         assert mean_run_secs(top[0].run_secs) * 1e6 == pytest.approx(fastest_hot * scale)
 
 
+def test_another_models_kernel_timed_the_other_way_still_seeds_the_cost_model(store: ScheduleStore, monkeypatch):
+    from tvm.s_tir.meta_schedule.database import Workload
+
+    from host.logs.format import workload_key
+    from host.tuning import timing
+
+    monkeypatch.setattr(timing, "COLD_ABOVE_BYTES", LARGE_KERNEL_BYTES)
+    store.import_log(SMALL)  # timed hot: the large kernel's 4 records too
+    large = Workload.from_json(json.loads((SMALL / WORKLOAD_FILE).read_text().splitlines()[0])).mod
+    target = json.loads((SMALL / "session.json").read_text())["target"]
+    # A cold session of another model: the large kernel's hot records seed it (its cost model compares
+    # them with each other only), each workload's records of one timing.
+    seeds = store.seed_records(target, cold_weights=True)
+    assert len(seeds) == 16
+    assert sorted(mean_run_secs(r.run_secs) for r in seeds) == pytest.approx(
+        sorted(mean_run_secs(r[1]) for _, r in records_of(SMALL)))
+    # A cold session whose own kernel it is gets none of them: they would be replayed and compared with
+    # its cold trials. The small kernel is timed hot by both.
+    own = store.seed_records(target, cold_weights=True, own=[workload_key(large)])
+    assert len(own) == 12 and not any(workload_key(r.workload.mod) == workload_key(large) for r in own)
+
+
+def test_a_seeded_session_measures_the_best_of_every_task_first_then_runners_up_within_a_quarter():
+    from host.logs.results import session_results
+    from host.logs.tuninglog import TuningLog
+    from host.tuning.session import replay_order, seed_tops
+
+    log = TuningLog.open(SMALL)
+    records = list(log.database().get_all_tuning_records())
+    tasks = session_results(log.session)
+    tops = seed_tops(tasks, records, 3)
+    assert len(tops) == 2  # both kernels of the fixture have measured records
+    for index, chosen in tops.items():
+        times = [mean_run_secs(r.run_secs) for r in chosen]
+        own = sorted(t for t in (mean_run_secs(r[1]) for i, r in records_of(SMALL)
+                                 if database_key_of(log, i) == tasks[index].workload_hash) if t is not None)
+        assert times == pytest.approx(own[:3])  # its three fastest, fastest first
+    order = replay_order(tops, budget=8)
+    assert [(i, r) for i, r in order[:2]] == [(i, tops[i][0]) for i in sorted(tops)]
+    assert len(order) == 2 + 8 // 4 and all(r is tops[i][1] for i, r in order[2:])
+    assert len(replay_order(tops, budget=100)) == 6 and len(replay_order(tops, budget=3)) == 2
+
+
+def database_key_of(log, workload_index: int) -> str | None:
+    from host.logs.format import database_key
+
+    line = (log.path / WORKLOAD_FILE).read_text().splitlines()[workload_index]
+    return database_key(json.loads(line)[0])
+
+
 def test_a_store_of_schema_1_is_upgraded_and_its_records_read_as_hot(tmp_path: Path):
     import sqlite3
 
