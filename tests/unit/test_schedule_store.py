@@ -295,7 +295,7 @@ def test_a_seeded_session_measures_the_best_of_every_task_first_then_runners_up_
                                  if database_key_of(log, i) == tasks[index].workload_hash) if t is not None)
         assert times == pytest.approx(own[:3])  # its three fastest, fastest first
     order = replay_order(tops, budget=8)
-    assert [(i, r) for i, r in order[:2]] == [(i, tops[i][0]) for i in sorted(tops)]
+    assert order[:2] == [(i, tops[i][0]) for i in sorted(tops)]
     assert len(order) == 2 + 8 // 4 and all(r is tops[i][1] for i, r in order[2:])
     assert len(replay_order(tops, budget=100)) == 6 and len(replay_order(tops, budget=3)) == 2
 
