@@ -59,8 +59,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny_cnn", help="comma-separated models (shared/models names or paths)")
     parser.add_argument("--trials", type=int, default=64, help="tuning budget per model")
-    parser.add_argument("--runs", type=int, default=100, help="timed runs of each build, in all")
-    parser.add_argument("--rounds", type=int, default=5,
+    # Each round times a build in a new session process on the board, and on a shared 2-core VM a
+    # process can land where one core is contended (a small model's two-thread kernels then take twice
+    # as long, ONNX Runtime's about 1.5x): many short rounds, so their median is not one process's luck.
+    parser.add_argument("--runs", type=int, default=300, help="timed runs of each build, in all")
+    parser.add_argument("--rounds", type=int, default=15,
                         help="rounds the runs are split into, alternating the builds (the ratio is their median)")
     parser.add_argument("--logs", default=str(Path.home() / ".cache" / "edgetune" / "bench-logs"),
                         help="where the tuning logs are kept (reused by a rerun)")
