@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,7 +17,10 @@ def relu6_net(tmp_path_factory) -> Path:
     return relu6_net_onnx(tmp_path_factory.mktemp("relu6") / "relu6_net.onnx")
 
 
-def test_each_kernel_gets_its_repacked_weights_as_constants_with_no_tuples_at_run_time(relu6_net):
+@pytest.fixture(scope="module")
+def relu6_built(relu6_net) -> SimpleNamespace:
+    """The net with default schedules, as the build ships it (``shipped``: its program compiled) and as
+    bytecode (``bytecode``: the same program, which ``as_text`` shows)."""
     import tvm
 
     from host.build.build import fallback_database
@@ -28,8 +32,16 @@ def test_each_kernel_gets_its_repacked_weights_as_constants_with_no_tuples_at_ru
     model = load_onnx(str(relu6_net))
     target = tvm.target.Target(HOST_TARGET)
     tasks = extract_tasks(model.mod, HOST_TARGET, True, "NHWC")
+    return SimpleNamespace(
+        model=model, tasks=tasks,
+        shipped=compile_tuned(fallback_database(tasks, target), model.mod, target),
+        bytecode=compile_tuned(fallback_database(tasks, target), model.mod, target, exec_mode="bytecode"))
+
+
+def test_each_kernel_gets_its_repacked_weights_as_constants_with_no_tuples_at_run_time(relu6_built):
     # The program as bytecode, to read its calls; the build ships the same program compiled (below).
-    text = compile_tuned(fallback_database(tasks, target), model.mod, target, exec_mode="bytecode").as_text()
+    tasks = relu6_built.tasks
+    text = relu6_built.bytecode.as_text()
     main = text.split("@main:", 1)[1].split("\n\n", 1)[0]
     calls = re.findall(r"call\s+(\S+)\s+in:([^\n]*?)dst:", main)
     prepacked = [(name, args) for name, args in calls if name.endswith("_prepacked")]
@@ -45,22 +57,12 @@ def test_each_kernel_gets_its_repacked_weights_as_constants_with_no_tuples_at_ru
     assert {name.removesuffix("_prepacked") for name, _ in calls if not name.startswith("vm.builtin.")} <= names, main
 
 
-def test_the_shipped_program_is_compiled_and_computes_what_the_bytecode_does(relu6_net, tmp_path):
+def test_the_shipped_program_is_compiled_and_computes_what_the_bytecode_does(relu6_built, tmp_path):
     import numpy as np
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from host.build.build import fallback_database
-    from host.models.onnx_import import load_onnx
-    from host.tuning.intrinsics import cpu_intrinsics_only
-    from host.tuning.tasks import compile_tuned, extract_tasks
-
-    cpu_intrinsics_only()
-    model = load_onnx(str(relu6_net))
-    target = tvm.target.Target(HOST_TARGET)
-    tasks = extract_tasks(model.mod, HOST_TARGET, True, "NHWC")
-    shipped = compile_tuned(fallback_database(tasks, target), model.mod, target)
-    bytecode = compile_tuned(fallback_database(tasks, target), model.mod, target, exec_mode="bytecode")
+    model, shipped, bytecode = relu6_built.model, relu6_built.shipped, relu6_built.bytecode
     # Compiled, the VM has no instructions of main to interpret: its program is a function of the library.
     assert "@main:" in bytecode.as_text() and "@main:" not in shipped.as_text()
     shape = [int(d) for d in model.inputs[0].shape]
