@@ -173,3 +173,36 @@ def twin_convs_onnx(path: Path, channels: int = 16, size: int = 28) -> Path:
                      weight("w2", (channels, channels, 3, 3)), weight("b2", (channels,))])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
+
+
+def run_kernel(mod, inputs: list[np.ndarray], out_shape) -> np.ndarray:
+    """``mod``'s kernel built for this machine and run on ``inputs``: its output, of ``out_shape``."""
+    import tvm
+
+    from tests.conftest import HOST_TARGET
+
+    lib = tvm.compile(mod, target=tvm.target.Target(HOST_TARGET))
+    device = tvm.cpu()
+    args = [tvm.runtime.tensor(a, device) for a in inputs] + [tvm.runtime.tensor(np.zeros(out_shape, "float32"), device)]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+def searched_schedule(context, space, parallel: int | None = None):
+    """A schedule of ``context``'s kernel as the search makes one: a design space with its sampled
+    decisions (and, with ``parallel``, the parallel extent mutated as MetaSchedule's MutateParallel does)."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.schedule import Instruction, Trace
+
+    insts = list(space.trace.simplified(remove_postproc=True).insts)
+    if parallel is not None:
+        [at] = [i for i, inst in enumerate(insts) if inst.kind.name == "Annotate"
+                and str(inst.attrs[0]) == "meta_schedule.parallel"]
+        inst = insts[at]
+        insts[at] = Instruction(inst.kind, [inst.inputs[0], parallel], inst.attrs, inst.outputs)
+    decisions = {inst: space.trace.get_decision(inst) for inst in insts if inst.kind.name.startswith("Sample")}
+    sch = Schedule(context.mod)
+    Trace(insts, decisions).apply_to_schedule(sch, remove_postproc=True)
+    sch.enter_postproc()
+    assert all(p.apply(sch) for p in context.space_generator.postprocs)
+    return sch

@@ -100,7 +100,9 @@ def latency_or_none(value: Any) -> float | None:
 class Trial:
     """One trial of a session: a line of ``history.jsonl``. ``latency_us`` is ``None`` for a failed trial
     (``error`` then says why); ``elapsed_s`` counts the session's tuning time, all runs together;
-    ``carried_from`` names the sibling task whose best schedule the trial replayed (written only then)."""
+    ``carried_from`` names the sibling task whose best schedule the trial replayed, ``variant`` the
+    small-kernel candidate it is (``serial`` or ``unscheduled``, see ``host/tuning/variants.py``); each is
+    written only when set."""
 
     trial: int
     task: int
@@ -112,6 +114,7 @@ class Trial:
     elapsed_s: float | None = None
     time: str | None = None
     carried_from: str | None = None
+    variant: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -119,8 +122,9 @@ class Trial:
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if data["carried_from"] is None:
-            del data["carried_from"]
+        for optional in ("carried_from", "variant"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod
@@ -145,6 +149,7 @@ class Trial:
             elapsed_s=elapsed,
             time=str(entry["time"]) if entry.get("time") is not None else None,
             carried_from=str(entry["carried_from"]) if entry.get("carried_from") is not None else None,
+            variant=str(entry["variant"]) if entry.get("variant") is not None else None,
         )
 
 

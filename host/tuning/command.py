@@ -10,6 +10,10 @@ import click
 
 from ..cliutil import emit, json_option, table, to_jsonable, tracker_option
 from ..errors import EdgetuneError
+from .variants import SERIAL, UNSCHEDULED
+
+# How a trial of a small-kernel candidate (variants.py) is named on its progress line.
+VARIANT_TEXT = {SERIAL: "its best schedule on one thread", UNSCHEDULED: "without a schedule"}
 
 input_shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, metavar="NAME:DxDxD",
@@ -134,6 +138,8 @@ class _Display:
                 line += f"  ({event['failed']} failed)"
             if event.get("carried_from"):
                 line += f"  (the schedule of {event['carried_from']})"
+            if event.get("variant"):
+                line += f"  ({VARIANT_TEXT.get(event['variant'], event['variant'])})"
             click.echo(line, err=True)
         elif kind == "finals":
             if event["tasks"]:
@@ -217,6 +223,10 @@ def tune(model: str, key: str, trials: int, log_dir: str, strategy: str, from_lo
         if carried.get("trials"):
             click.echo(f"sibling tasks (one kernel, another epilogue): {carried['trials']} trials replayed a "
                        f"sibling's best schedule, {carried['improved']} of them beat the task's best so far")
+        small = result.small_kernels
+        if small.get("trials"):
+            click.echo(f"small kernels: {small['trials']} trials ran a best schedule on one thread or the kernel "
+                       f"without a schedule, {small['improved']} of them beat the task's best so far")
     if result.message:
         click.echo(result.message, err=True)
     if result.status is Status.INTERRUPTED:

@@ -100,6 +100,7 @@ class SessionResult:
     message: str = ""
     cost_model: dict[str, Any] = field(default_factory=dict)
     carried_to_siblings: dict[str, int] = field(default_factory=dict)  # trials, improved (this run)
+    small_kernels: dict[str, int] = field(default_factory=dict)  # trials, improved (this run; variants.py)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +108,7 @@ class SessionResult:
             "trials_this_run": self.trials_this_run, "elapsed_s": round(self.elapsed_s, 2),
             "estimated_latency_ms": self.estimated_latency_ms, "measured_by": self.measured_by,
             "message": self.message, "cost_model": self.cost_model, "carried_to_siblings": self.carried_to_siblings,
+            "small_kernels": self.small_kernels,
             "tasks": [t.as_dict() for t in self.tasks],
         }
 
@@ -134,9 +136,10 @@ class _Progress:
         self.trial = max([self.trial, *(t.trial for t in trials)])
 
     def record(self, task_index: int, outcomes: list[tuple[float | None, str | None, str | None]],
-               carried_from: str | None = None) -> None:
+               carried_from: str | None = None, variant: str | None = None) -> None:
         """Append one batch of trials: (latency_s or None, error or None, board) each; ``carried_from``: the
-        sibling task whose schedule they replay (see :mod:`.siblings`)."""
+        sibling task whose schedule they replay (see :mod:`.siblings`); ``variant``: which small-kernel
+        candidate they are (see :mod:`.variants`)."""
         result = self.results[task_index]
         elapsed, now = round(self.elapsed(), 3), now_iso()  # the batch is recorded together: one time for all
         trials = []
@@ -146,7 +149,7 @@ class _Progress:
             result.count(latency_us, self.trial)
             trials.append(Trial(trial=self.trial, task=task_index, task_name=result.name, latency_us=latency_us,
                                 gflops=gflops(result.flops, latency_us), error=error, board=board,
-                                elapsed_s=elapsed, time=now, carried_from=carried_from))
+                                elapsed_s=elapsed, time=now, carried_from=carried_from, variant=variant))
         self.log.append_history(trials)
         self.on_event({
             "event": "trials", "done": self.trial, "budget": self.budget, "task": result.name,
@@ -156,6 +159,7 @@ class _Progress:
             "tasks_tuned": sum(1 for r in self.results if r.tuned), "tasks": len(self.results),
             "elapsed_s": round(self.elapsed(), 2),
             **({"carried_from": carried_from} if carried_from else {}),
+            **({"variant": variant} if variant else {}),
         })
 
 
@@ -224,6 +228,7 @@ class _Search:
     runner: Any
     cost_info: dict[str, Any]
     siblings: Any = None  # siblings.SiblingTransfer of the weighted scheduler's search, once made
+    variants: Any = None  # variants.SmallKernelVariants of the weighted scheduler's search, once made
     scheduler: Any = None  # scheduler.WeightedScheduler, once made
 
 
@@ -640,7 +645,7 @@ def _replay(tops: dict[int, list[Any]], run: _Run, search: _Search) -> tuple[int
 
 
 def _trial(run: _Run, search: _Search, task: int, workload: Any, sch: Any, args_info: Any,
-           carried_from: str | None = None) -> tuple[list[float] | None, float | None]:
+           carried_from: str | None = None, variant: str | None = None) -> tuple[list[float] | None, float | None]:
     """Measure schedule ``sch`` of ``task`` on a board outside MetaSchedule's loop, as a trial of the task:
     its record into the log's database (under ``workload``), its line into the history. (run times,
     mean latency in seconds or None when it failed)."""
@@ -649,7 +654,7 @@ def _trial(run: _Run, search: _Search, task: int, workload: Any, sch: Any, args_
     run_secs, error, board = _measure_once(run, search, search.runner, sch.mod, args_info)
     search.database.commit_tuning_record(TuningRecord(sch.trace, workload, run_secs, search.tvm_target, args_info))
     latency = None if error else mean_run_secs(run_secs)
-    run.progress.record(task, [(latency, error, board)], carried_from=carried_from)
+    run.progress.record(task, [(latency, error, board)], carried_from=carried_from, variant=variant)
     return run_secs, latency
 
 
@@ -659,6 +664,7 @@ def _search(run: _Run, search: _Search) -> None:
 
     from .scheduler import WeightedScheduler, batch_sizes
     from .siblings import SiblingTransfer
+    from .variants import SmallKernelVariants
 
     budget = run.budget
     if budget.remaining <= 0:
@@ -676,11 +682,19 @@ def _search(run: _Run, search: _Search) -> None:
         if run.options.scheduler == "weighted":
             flops = [t.flops for t in run.tasks]
             search.siblings = SiblingTransfer(search.contexts, search.database, best_us,
-                                              lambda task, sch, key, source: _measure_carried(run, search, task, sch, key,
-                                                                                              source))
-        scheduler = WeightedScheduler(best_us, search.weights, flops,
-                                      search.siblings.after_batch if search.siblings is not None else None,
-                                      overlap=run.entry["overlap"])
+                                              lambda task, sch, key, source: _measure_extra(
+                                                  run, search, task, sch, key, carried_from=run.tasks[source].name))
+        search.variants = SmallKernelVariants(search.contexts, search.database, best_us,
+                                              lambda task, sch, key, variant: _measure_extra(
+                                                  run, search, task, sch, key, variant=variant),
+                                              lambda: all(search.scheduler.batches))
+
+        def after_batch(task: int) -> None:
+            if search.siblings is not None:
+                search.siblings.after_batch(task)
+            search.variants.after_batch(task)
+
+        scheduler = WeightedScheduler(best_us, search.weights, flops, after_batch, overlap=run.entry["overlap"])
         search.scheduler = scheduler
     ms.tune_tasks(
         tasks=search.contexts, task_weights=search.weights, work_dir=str(run.log.path),
@@ -693,10 +707,11 @@ def _search(run: _Run, search: _Search) -> None:
     )
 
 
-def _measure_carried(run: _Run, search: _Search, task: int, sch: Any, key: int, source: int) -> bool:
-    """Time a schedule carried over from the sibling task ``source`` as a trial of ``task``: into the log,
-    the history and the cost model, and marked measured for the task's search. False when the budget is
-    spent."""
+def _measure_extra(run: _Run, search: _Search, task: int, sch: Any, key: int, carried_from: str | None = None,
+                   variant: str | None = None) -> bool:
+    """Time a schedule the search did not sample as a trial of ``task`` (one carried over from the sibling
+    task ``carried_from``, or a small-kernel ``variant``): into the log, the history and the cost model,
+    and marked measured for the task's search. False when the budget is spent."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.runner import RunnerResult
     from tvm.s_tir.meta_schedule.search_strategy import MeasureCandidate
@@ -706,7 +721,7 @@ def _measure_carried(run: _Run, search: _Search, task: int, sch: Any, key: int, 
     context = search.contexts[task]
     args_info = ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
     run_secs, latency = _trial(run, search, task, search.database.commit_workload(context.mod), sch, args_info,
-                               carried_from=run.tasks[source].name)
+                               carried_from=carried_from, variant=variant)
     if latency is not None and run.options.strategy == "xgb":
         search.cost_model.update(context, [MeasureCandidate(sch, args_info)],
                                  [RunnerResult([float(s) for s in run_secs], None)])
@@ -793,6 +808,8 @@ def _close_run(run: _Run, search: _Search | None, status: Status) -> None:
         measured_by = search.runner.measured_by
         if search.siblings is not None:
             run.entry["carried_to_siblings"] = {"trials": search.siblings.trials, "improved": search.siblings.improved}
+        if search.variants is not None:
+            run.entry["small_kernels"] = {"trials": search.variants.trials, "improved": search.variants.improved}
         if search.scheduler is not None:
             from .scheduler import overlap_seconds
 
@@ -835,7 +852,7 @@ def _result(run: _Run, search: _Search, status: Status, message: str) -> Session
     return SessionResult(str(run.log.path), status, run.options.trials, run.trials_done,
                          run.trials_done - run.done_before, time.monotonic() - run.started, results,
                          estimated_latency_ms(results), dict(search.runner.measured_by), message, search.cost_info,
-                         dict(run.entry.get("carried_to_siblings") or {}))
+                         dict(run.entry.get("carried_to_siblings") or {}), dict(run.entry.get("small_kernels") or {}))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -54,11 +54,16 @@ def warm_builder():
         builder.shutdown()
 
 
+# The cold log's budget: tiny_cnn's first pass (2 trials for each of its 8 tasks, fewer for a task with
+# fewer schedules), its small kernels' extra candidates, and search batches after them.
+COLD_TRIALS = 32
+
+
 @pytest.fixture(scope="session")
 def cold_log(tuning_bed):
-    """A finished 16-trial session of tiny_cnn on the shared agent."""
+    """A finished COLD_TRIALS-trial session of tiny_cnn on the shared agent."""
     log_dir = tuning_bed["base"] / "cold-log"
-    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 16, "--json")
+    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, COLD_TRIALS, "--json")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     return {"dir": log_dir, "events": events}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from host.schedules.store import ScheduleStore, cpu_class
 from tests.helpers_schedules import retargeted
-from tests.integration.conftest import tune_cli
+from tests.integration.conftest import COLD_TRIALS, tune_cli
 from tests.integration.test_tuning import history_of, session_of
 from tests.peers import EDGETUNE, run_cli
 
@@ -83,7 +83,7 @@ def test_build_fills_the_tasks_a_log_lacks_from_the_store_of_its_cpu_class_only(
     # of comes from the store, and the module still matches ONNX Runtime.
     store = tmp_path / "schedules.sqlite"
     with ScheduleStore(str(store)) as opened:
-        assert opened.import_log(cold_log["dir"]).added == 16
+        assert opened.import_log(cold_log["dir"]).added == COLD_TRIALS
     measured = {h["task_name"] for h in history_of(cold_log["dir"]) if h["latency_us"] is not None}
     out = run_cli([EDGETUNE, "build", "tiny_cnn", "--device", "x86host", "--target", json.dumps(host_target),
                    "-o", str(tmp_path / "out"), "--schedules", str(store), "--no-compare", "--json"], timeout=600)

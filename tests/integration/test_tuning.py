@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import tune_cli
+from tests.integration.conftest import COLD_TRIALS, tune_cli
 from tests.peers import EDGETUNE, free_port, peer_env, run_cli, wait_for, wait_registered
 
 
@@ -56,22 +56,22 @@ def tune_then(argv: list[str], log_dir: Path, action, timeout: float = 900) -> t
 def test_tune_writes_stock_database_and_log_show_lists_every_task(cold_log):
     log_dir = cold_log["dir"]
     records = records_of(log_dir)
-    assert len(records) == 16
-    assert unique_records(records) == 16
+    assert len(records) == COLD_TRIALS
+    assert unique_records(records) == COLD_TRIALS
     assert sum(1 for r in records if r.run_secs is not None) >= 12  # measured, not just recorded
 
     session = session_of(log_dir)
-    assert session["status"] == "completed" and session["trials_done"] == 16
+    assert session["status"] == "completed" and session["trials_done"] == COLD_TRIALS
     assert session["target"]["mtriple"] == "x86_64-linux-gnu"
     assert len(session["model"]["sha256"]) == 64
     history = history_of(log_dir)
-    assert [h["trial"] for h in history] == list(range(1, 17))
+    assert [h["trial"] for h in history] == list(range(1, COLD_TRIALS + 1))
     assert all(h["board"] and h["board"].startswith("127.0.0.1:") for h in history)
 
     events = cold_log["events"]
     assert events[0]["event"] == "start" and events[-1]["event"] == "end"
     progress = [e for e in events if e["event"] == "trials"]
-    assert progress and progress[-1]["done"] == 16 and progress[-1]["budget"] == 16
+    assert progress and progress[-1]["done"] == COLD_TRIALS and progress[-1]["budget"] == COLD_TRIALS
 
     out = run_cli([EDGETUNE, "log", "show", str(log_dir), "--json"], timeout=300)
     assert out.returncode == 0, out.stderr
@@ -100,7 +100,7 @@ def test_untuned_kernels_are_measured_first_and_start_the_curve(cold_log):
     event = next(e for e in cold_log["events"] if e["event"] == "untuned")
     weights = {str(t["index"]): t["weight"] for t in session["tasks"]}
     assert event["estimated_ms"] == pytest.approx(sum(weights[k] * v for k, v in untuned.items()) / 1e3, rel=1e-3)
-    assert len(records_of(log_dir)) == session["trials_done"] == 16  # not trials, not records
+    assert len(records_of(log_dir)) == session["trials_done"] == COLD_TRIALS  # not trials, not records
 
     xs, ys, complete = estimate_curve(load(log_dir))
     assert xs[0] == 0 and ys[0] == pytest.approx(event["estimated_ms"], rel=1e-3) and all(complete)
@@ -267,7 +267,9 @@ def test_early_stopping_ends_tasks_that_stop_improving(tuning_bed, tmp_path):
     assert len(history) == session["trials_done"] <= 40
     names = {t["index"]: t["name"] for t in session["tasks"]}
     for name in stopped:
-        trials = [h for h in history if names[h["task"]] == name]
+        # The search's own trials (a small kernel's extra candidates are timed beside the search, see
+        # variants.py, and do not count for its early stop).
+        trials = [h for h in history if names[h["task"]] == name and not h.get("variant")]
         prior = [h["latency_us"] for h in trials[:-1] if h["latency_us"] is not None]
         last = trials[-1]["latency_us"]
         # the task's last trial did not beat its best so far: that is what stopped it
@@ -295,8 +297,8 @@ def test_log_merge_and_export(cold_log, tmp_path):
     out = run_cli([EDGETUNE, "log", "merge", str(cold), str(cold), "-o", str(tmp_path / "merged"), "--json"], timeout=300)
     assert out.returncode == 0, out.stderr
     merged = json.loads(out.stdout)
-    assert merged["records"] == 16 and merged["duplicates_dropped"] == 16  # the same log twice: kept once
-    assert len(records_of(tmp_path / "merged")) == 16
+    assert merged["records"] == COLD_TRIALS and merged["duplicates_dropped"] == COLD_TRIALS  # kept once
+    assert len(records_of(tmp_path / "merged")) == COLD_TRIALS
 
     out = run_cli([EDGETUNE, "log", "export", str(cold), "-o", str(tmp_path / "best"), "--json"], timeout=300)
     assert out.returncode == 0, out.stderr
@@ -337,9 +339,10 @@ def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_t
     assert [e["event"] for e in cold_log["events"]].index("baseline") < [e["event"] for e in cold_log["events"]].index("trials")
     tasks = session["tasks"]
     first, _ = batch_sizes(session["budget"], len(tasks))
-    # One batch = consecutive trials of one task recorded together.
+    # One batch = consecutive trials of one task recorded together; a small kernel's extra candidates
+    # (variants.py) are trials of their own, timed between batches.
     batches: list[list[dict]] = []
-    for entry in history:
+    for entry in (e for e in history if not e.get("variant")):
         if batches and batches[-1][0]["task"] == entry["task"] and batches[-1][0]["elapsed_s"] == entry["elapsed_s"]:
             batches[-1].append(entry)
         else:
@@ -347,11 +350,11 @@ def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_t
     assert [b[0]["task"] for b in batches[:len(tasks)]] == list(range(len(tasks)))
     assert all(len(b) <= first for b in batches[:len(tasks)])
     assert len(batches) > len(tasks), "the budget left after the first pass was not spent"
+    # What the scheduler knew when it chose the batch after the first pass: every trial before it.
     best = {}
-    for b in batches[:len(tasks)]:
-        measured = [e["latency_us"] for e in b if e["latency_us"] is not None]
-        if measured:
-            best[b[0]["task"]] = min(measured)
+    for entry in history[:history.index(batches[len(tasks)][0])]:
+        if entry["latency_us"] is not None:
+            best[entry["task"]] = min(best.get(entry["task"], entry["latency_us"]), entry["latency_us"])
     weight = {t["index"]: t["weight"] for t in tasks}
     unmeasured = [t["index"] for t in tasks if t["index"] not in best]  # retried before anything else
     # The largest claim: weight x best latency, counted up to twice for a kernel below the model's best
@@ -400,6 +403,48 @@ def test_a_new_best_schedule_is_carried_over_to_its_sibling_task(tuning_bed, tmp
     carried_events = [e for e in events if e.get("carried_from")]
     assert len(carried_events) == carried["trials"]
     assert {e["task"] for e in carried_events} <= {session["tasks"][c]["name"] for c in convs}
+
+
+def test_small_kernels_are_also_timed_on_one_thread_and_unscheduled_after_the_first_pass(tuning_bed, tmp_path):
+    """tiny_cnn's sub-microsecond kernels (its mean, its classifier): once every task has had its first
+    batch, each small task's best schedule is timed with its parallel loops run serially and the kernel
+    without a schedule, as trials inside the budget; the build takes whichever record is fastest."""
+    from host.build.build import build
+    from host.tuning.variants import SERIAL, SMALL_KERNEL_US, UNSCHEDULED
+    from tests.helpers_build import TINY_CNN
+
+    log_dir = tmp_path / "log"
+    out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 40, "--json", "--no-schedules",
+                   model=str(TINY_CNN))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    session, history = session_of(log_dir), history_of(log_dir)
+    tasks = session["tasks"]
+    variants = [(i, e) for i, e in enumerate(history) if e.get("variant")]
+    assert variants and {e["variant"] for _, e in variants} <= {SERIAL, UNSCHEDULED}
+    # Not before the first pass is over: every task had its first batch.
+    assert {e["task"] for e in history[:variants[0][0]]} == set(range(len(tasks)))
+    for i, entry in variants:  # only for a task whose best so far ran in under SMALL_KERNEL_US
+        before = [e["latency_us"] for e in history[:i] if e["task"] == entry["task"] and e["latency_us"] is not None]
+        assert before and min(before) < SMALL_KERNEL_US, entry
+    names = {t["index"]: t["name"] for t in tasks}
+    unscheduled = {names[e["task"]] for _, e in variants if e["variant"] == UNSCHEDULED}
+    assert {"mean1", "fused_matmul_add51"} <= unscheduled, unscheduled
+    # Each candidate once per task (an unscheduled kernel is one schedule).
+    assert len(unscheduled) == sum(1 for _, e in variants if e["variant"] == UNSCHEDULED)
+    # Trials like any other: inside the budget, one record each, counted in the run and in the end event.
+    assert len(history) == session["trials_done"] == 40 == len(records_of(log_dir))
+    small = session["runs"][-1]["small_kernels"]
+    assert small["trials"] == len(variants) and 0 <= small["improved"] <= small["trials"]
+    end = json.loads(out.stdout.strip().splitlines()[-1])
+    assert end["event"] == "end" and end["small_kernels"] == small
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [e["variant"] for e in events if e.get("variant")] == [e["variant"] for _, e in variants]
+
+    built = build(str(TINY_CNN), "test-board", tmp_path / "out", log_dir=str(log_dir), compare=False,
+                  use_schedules=False)
+    info = json.loads((tmp_path / "out" / "build.json").read_text())
+    assert info["host_check"]["max_abs_err"] < 1e-4
+    assert all(c.tuned for c in built.coverage)
 
 
 def test_a_hot_session_ends_by_timing_its_large_kernels_best_candidates_cold_and_the_build_uses_the_fastest(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import HOST_TARGET
-from tests.helpers_build import twin_convs_onnx
+from tests.helpers_build import run_kernel, searched_schedule, twin_convs_onnx
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +30,6 @@ def twin_tasks(tmp_path_factory):
     return tasks, contexts
 
 
-def _run(mod, inputs: list[np.ndarray], out_shape) -> np.ndarray:
-    import tvm
-
-    lib = tvm.compile(mod, target=tvm.target.Target(HOST_TARGET))
-    device = tvm.cpu()
-    args = [tvm.runtime.tensor(a, device) for a in inputs] + [tvm.runtime.tensor(np.zeros(out_shape, "float32"), device)]
-    lib["main"](*args)
-    return args[-1].numpy()
-
-
 def test_one_conv_with_two_epilogues_makes_two_siblings(twin_tasks, tmp_path):
     from host.tuning.siblings import main_signature, sibling_groups
 
@@ -57,26 +47,6 @@ def test_one_conv_with_two_epilogues_makes_two_siblings(twin_tasks, tmp_path):
     wide = [t.extracted.dispatched[0] for t in extract_tasks(wide_model.mod, HOST_TARGET, True) if "conv2d" in t.name]
     assert main_signature(wide[0]) is not None
     assert main_signature(wide[0]) != main_signature(contexts[convs[0]].mod)
-
-
-def _searched(context, space, parallel: int | None = None):
-    """A schedule of ``context``'s kernel as the search makes one: a design space with its sampled
-    decisions (and, with ``parallel``, the parallel extent mutated as MetaSchedule's MutateParallel does)."""
-    from tvm.s_tir import Schedule
-    from tvm.s_tir.schedule import Instruction, Trace
-
-    insts = list(space.trace.simplified(remove_postproc=True).insts)
-    if parallel is not None:
-        [at] = [i for i, inst in enumerate(insts) if inst.kind.name == "Annotate"
-                and str(inst.attrs[0]) == "meta_schedule.parallel"]
-        inst = insts[at]
-        insts[at] = Instruction(inst.kind, [inst.inputs[0], parallel], inst.attrs, inst.outputs)
-    decisions = {inst: space.trace.get_decision(inst) for inst in insts if inst.kind.name.startswith("Sample")}
-    sch = Schedule(context.mod)
-    Trace(insts, decisions).apply_to_schedule(sch, remove_postproc=True)
-    sch.enter_postproc()
-    assert all(p.apply(sch) for p in context.space_generator.postprocs)
-    return sch
 
 
 def _parallel_extent(trace) -> int:
@@ -101,7 +71,7 @@ def test_a_schedule_carried_over_makes_the_same_choices_and_computes_the_sibling
     infos = ArgInfo.from_prim_func(contexts[residual].mod["main"])
     out_shape = [int(d) for d in infos[-1].shape]
     for rank, space in enumerate(source_spaces):
-        sch = _searched(contexts[plain], space, parallel=8 + rank)
+        sch = searched_schedule(contexts[plain], space, parallel=8 + rank)
         carried = carry_over(sch.trace, target_spaces, contexts[residual].mod, postprocs)
         assert carried is not None, f"design space {rank} did not carry over"
         ours, theirs = sampling_instructions(carried.trace), sampling_instructions(sch.trace)
@@ -111,9 +81,9 @@ def test_a_schedule_carried_over_makes_the_same_choices_and_computes_the_sibling
         # The carried schedule computes the residual conv exactly as the unscheduled kernel does.
         rng = np.random.default_rng(rank)
         inputs = [rng.standard_normal([int(d) for d in info.shape]).astype("float32") for info in infos[:-1]]
-        np.testing.assert_allclose(_run(carried.mod, inputs, out_shape),
-                                   _run(contexts[residual].mod, inputs, out_shape), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(run_kernel(carried.mod, inputs, out_shape),
+                                   run_kernel(contexts[residual].mod, inputs, out_shape), rtol=1e-4, atol=1e-4)
     # Carried the other way as well (the residual conv's schedule on the plain one).
-    back = carry_over(_searched(contexts[residual], target_spaces[-1]).trace, source_spaces, contexts[plain].mod,
+    back = carry_over(searched_schedule(contexts[residual], target_spaces[-1]).trace, source_spaces, contexts[plain].mod,
                       contexts[plain].space_generator.postprocs)
     assert back is not None
