@@ -82,8 +82,11 @@ def use_target_threads(cores: int) -> int:
     Without ``TVM_NUM_THREADS`` TVM sizes its pool from the hardware threads, halved on x86-64 on the
     guess that half are hyper-threads. On a board without them (a 2-core VM, most small x86 boxes) that
     leaves half the cores idle: resnet18 tuned for 2 cores ran at 67 ms on one thread and 42 ms on two,
-    while ONNX Runtime uses both. A ``TVM_NUM_THREADS`` the user set wins. It must be set before the
-    first parallel kernel runs: TVM reads it when it makes its thread pool.
+    while ONNX Runtime uses both. Unset, it also costs every parallel loop a read of
+    /sys/devices/system/cpu/online (TVM asks for the hardware threads at each launch): 5.4 us a launch
+    on this VM, against 0.6 us for the whole launch with the variable set. A ``TVM_NUM_THREADS`` the
+    user set wins. It must be set before the first parallel kernel runs: TVM reads it when it makes its
+    thread pool.
     """
     raw = os.environ.get("TVM_NUM_THREADS", "").strip()
     if raw.isdigit() and int(raw) > 0:
