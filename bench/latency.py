@@ -36,6 +36,42 @@ def model_path(name: str) -> str:
     return str(shared) if not Path(name).exists() and shared.exists() else name
 
 
+def pool_launch_us(bed, target: dict) -> float:
+    """What one launch of TVM's thread pool costs on the board now, in us: the p50 of a kernel whose
+    only work is a two-way parallel loop of 64 additions (serial, the same loop takes ~0.01 us).
+
+    A small model's kernels launch the pool several times a run, so this says what state the board is
+    in: on a 2-core VM with nothing else running it moved between ~0.6 us and ~2.3 us from one stretch of
+    minutes to the next, and tiny_cnn's two-thread kernels with it (its Winograd kernel, four launches:
+    20 against 46 us)."""
+    import tempfile
+
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+
+    from host.bench.bench import _board_session
+
+    @T.prim_func(s_tir=True)
+    def launch(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
+        for i in T.parallel(2):
+            for j in range(32):
+                with T.sblock("add"):
+                    v = T.axis.spatial(64, i * 32 + j)
+                    b[v] = a[v] + T.float32(1)
+
+    with tempfile.TemporaryDirectory() as folder, \
+            _board_session(bed["tracker"], bed["key"], None, "the pool launch probe") as (session, _):
+        path = Path(folder) / "pool-launch.so"
+        tvm.compile(launch, target=tvm.target.Target(target)).mod.export_library(str(path))
+        session.upload(str(path), path.name)
+        func = session.load_module(path.name)
+        dev = session.cpu()
+        args = [tvm.runtime.tensor(np.zeros(64, "float32"), dev) for _ in range(2)]
+        results = func.time_evaluator("main", dev, number=2000, repeat=7)(*args).results
+    return round(float(np.median(results)) * 1e6, 3)
+
+
 def variant_name(args) -> str:
     parts = []
     if args.layout != DEFAULT_LAYOUT:
@@ -107,8 +143,10 @@ def main() -> None:
                                              use_schedules=False))
             tuned_now = time.monotonic() - started
             session = TuningLog.open(log_dir).session
+            launch_before = pool_launch_us(bed, target)
             measured = bench(model, bed["key"], bed["tracker"], log_dir=str(log_dir), runs=args.runs,
                              rounds=args.rounds)
+            launch_after = pool_launch_us(bed, target)
             if measured.onnxruntime is None or measured.tuned is None or measured.untuned is None:
                 raise SystemExit(f"{model}: incomplete measurement: {measured.notes}")
             ort, tuned, untuned = measured.onnxruntime.p50_ms, measured.tuned.p50_ms, measured.untuned.p50_ms
@@ -132,6 +170,9 @@ def main() -> None:
                 "carried_to_siblings": {k: sum(int((r.get("carried_to_siblings") or {}).get(k, 0))
                                                for r in session.get("runs", [])) for k in ("trials", "improved")},
                 "max_abs_err": {"tuned": measured.tuned.max_abs_err, "onnxruntime": measured.onnxruntime.max_abs_err},
+                # The board's state while the builds were timed: one thread-pool launch, before and after
+                # (see pool_launch_us).
+                "pool_launch_us": {"before": launch_before, "after": launch_after},
                 "target": target,
             })
     json.dump(figures, sys.stdout, indent=2)
