@@ -684,10 +684,12 @@ def _search(run: _Run, search: _Search) -> None:
             search.siblings = SiblingTransfer(search.contexts, search.database, best_us,
                                               lambda task, sch, key, source: _measure_extra(
                                                   run, search, task, sch, key, carried_from=run.tasks[source].name))
+        untuned = run.session.get("untuned_us") or {}
         search.variants = SmallKernelVariants(search.contexts, search.database, best_us,
                                               lambda task, sch, key, variant: _measure_extra(
                                                   run, search, task, sch, key, variant=variant),
-                                              lambda: all(search.scheduler.batches))
+                                              lambda: all(search.scheduler.batches),
+                                              [untuned.get(str(t.index)) for t in run.tasks])
 
         def after_batch(task: int) -> None:
             if search.siblings is not None:

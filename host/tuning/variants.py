@@ -13,7 +13,9 @@ kernel loses on one thread (tiny_cnn's 3.4 us pointwise conv: 5.0 us).
 So once the first pass has measured every task, each task whose best runs in under
 :data:`SMALL_KERNEL_US` gets two more candidates (and again after each later batch of it): its best
 schedule with the parallel loops run serially (once for each schedule that becomes the best), and the
-kernel without a schedule (once per task). They are ordinary trials: they take budget and go into the
+kernel without a schedule (once per task, unless the session's first timing of it, before any trial,
+took more than :data:`UNSCHEDULED_WITHIN` times the best: a convolution in TVM's default loops runs
+10-30x slower than tuned, a transpose or a mean as fast or faster). They are ordinary trials: they take budget and go into the
 log, the history (marked ``variant``) and the cost model, but not into the search's early stopping,
 which counts its own trials. The build takes whichever candidate ran fastest, as with any other trial.
 """
@@ -28,6 +30,10 @@ logger = logging.getLogger(__name__)
 # A kernel whose best runs in less than this (us) gets the two candidates below: where a pool launch
 # can be a large part of its time. Two trials for a kernel that cannot gain cost more than they save.
 SMALL_KERNEL_US = 10.0
+
+# The unscheduled kernel is a candidate while its one timing before the first trial is within this
+# factor of the task's best (a single run: noisy, hence the margin).
+UNSCHEDULED_WITHIN = 2.0
 
 SERIAL = "serial"  # the best schedule with its parallel loops run serially
 UNSCHEDULED = "unscheduled"  # the kernel as TVM builds it without a schedule
@@ -69,11 +75,14 @@ class SmallKernelVariants:
     :data:`SMALL_KERNEL_US`. ``measure(task, sch, key, variant)`` times a schedule on a board as a trial of
     the task (the caller commits it to the log and the cost model) and returns False when the budget is spent.
     ``first_pass_done()`` says whether every task has had its first batch: until then the budget goes to
-    those (a short session must measure every kernel before it refines any)."""
+    those (a short session must measure every kernel before it refines any). ``untuned_us``: each task's
+    kernel without a schedule as the session timed it before its first trial (None: not timed)."""
 
     def __init__(self, contexts: Sequence[Any], database: Any, best_us: Callable[[], list[float | None]],
-                 measure: Callable[[int, Any, int, str], bool], first_pass_done: Callable[[], bool]) -> None:
+                 measure: Callable[[int, Any, int, str], bool], first_pass_done: Callable[[], bool],
+                 untuned_us: Sequence[float | None] | None = None) -> None:
         self.contexts = list(contexts)
+        self.untuned_us = list(untuned_us) if untuned_us is not None else [None] * len(self.contexts)
         self.database = database
         self.best_us = best_us
         self.measure = measure
@@ -91,7 +100,9 @@ class SmallKernelVariants:
         serial = serial_variant(top[0].trace, context.mod) if top else None
         if serial is not None:
             found.append((SERIAL, serial))
-        found.append((UNSCHEDULED, unscheduled(context.mod)))
+        untuned, best = self.untuned_us[task], self.best_us()[task]
+        if untuned is None or best is None or untuned < UNSCHEDULED_WITHIN * best:
+            found.append((UNSCHEDULED, unscheduled(context.mod)))
         return found
 
     def after_batch(self, task: int) -> None:

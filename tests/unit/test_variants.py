@@ -101,7 +101,7 @@ def test_the_build_applies_whichever_record_is_fastest_the_unscheduled_kernel_to
     assert ("TVMBackendParallelLaunch" in source) is (fastest == "searched")
 
 
-def _variants_run(tiny_tasks, best: dict[int, float], budget: int = 100):
+def _variants_run(tiny_tasks, best: dict[int, float], budget: int = 100, untuned: dict[int, float] | None = None):
     """A SmallKernelVariants over tiny_cnn's tasks whose measure commits each candidate with the time
     ``best`` gives its task (so it neither beats nor loses) and records what was asked."""
     from tvm.s_tir import meta_schedule as ms
@@ -127,7 +127,8 @@ def _variants_run(tiny_tasks, best: dict[int, float], budget: int = 100):
         return True
 
     bests = [best.get(i) for i in range(len(tasks))]
-    variants = SmallKernelVariants(contexts, database, lambda: bests, measure, lambda: state["first_pass_done"])
+    variants = SmallKernelVariants(contexts, database, lambda: bests, measure, lambda: state["first_pass_done"],
+                                   [(untuned or {}).get(i) for i in range(len(tasks))])
     return variants, asked, state
 
 
@@ -148,6 +149,20 @@ def test_a_session_times_each_small_kernels_candidates_once_after_the_first_pass
     for task in (*small, large):  # each once: the same best schedule asks for nothing new
         variants.after_batch(task)
     assert len(asked) == 4
+
+
+def test_the_unscheduled_kernel_is_no_candidate_when_its_first_timing_was_far_slower(tiny_tasks):
+    from host.tuning.variants import SERIAL, UNSCHEDULED, UNSCHEDULED_WITHIN
+
+    _, tasks, _ = tiny_tasks
+    mean, dense = _index(tasks, "mean1"), _index(tasks, "fused_matmul_add51")
+    # The session timed the mean without a schedule within the margin of its best, the dense layer far
+    # above it (as a convolution in TVM's default loops is).
+    variants, asked, state = _variants_run(tiny_tasks, {mean: 0.6, dense: 0.7},
+                                           untuned={mean: 0.6 * UNSCHEDULED_WITHIN * 0.9, dense: 0.7 * UNSCHEDULED_WITHIN})
+    state["first_pass_done"] = True
+    variants.after_batch(mean)
+    assert asked == [(mean, SERIAL), (mean, UNSCHEDULED), (dense, SERIAL)]
 
 
 def test_the_candidates_stop_when_the_budget_is_spent(tiny_tasks):
