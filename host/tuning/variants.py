@@ -4,20 +4,21 @@ no schedule at all.
 Every schedule MetaSchedule's CPU rules sample runs its outer loops in parallel, so each call of the
 kernel launches the board's thread pool: the workers take a slice each and the caller waits for the
 last. On a 2-core x86 VM a launch costs ~0.6 us (a two-way parallel loop of 64 additions: 0.6 us; the
-same loop serial: 0.014 us), and more on a phone's big.LITTLE cores. A kernel that computes in less
-spends most of its time launching: tiny_cnn's mean runs in 0.67 us as tuned and in 0.07 us on one
-thread, its classifier in 0.73 against 0.13. Its input transpose is fastest in TVM's default loops,
-without any schedule (0.79 us, against 1.54 as tuned and 1.86 as tuned on one thread). From ~3 us up the
-kernel loses on one thread (tiny_cnn's 3.4 us pointwise conv: 5.0 us).
+same loop serial: 0.014 us), and 1.5-2.3 us in stretches where its cores are slow to reach each other.
+A kernel that computes in less spends most of its time launching: tiny_cnn's mean runs in 0.67 us as
+tuned and in 0.07 us on one thread, its classifier in 0.73 against 0.13. Its input transpose is
+fastest in TVM's default loops, without any schedule (0.79 us, against 1.54 as tuned and 1.86 as tuned
+on one thread). From ~3 us up the kernel loses on one thread (tiny_cnn's 3.4 us pointwise conv: 5.0 us).
 
 So once the first pass has measured every task, each task whose best runs in under
 :data:`SMALL_KERNEL_US` gets two more candidates (and again after each later batch of it): its best
 schedule with the parallel loops run serially (once for each schedule that becomes the best), and the
 kernel without a schedule (once per task, unless the session's first timing of it, before any trial,
-took more than :data:`UNSCHEDULED_WITHIN` times the best: a convolution in TVM's default loops runs
-10-30x slower than tuned, a transpose or a mean as fast or faster). They are ordinary trials: they take budget and go into the
-log, the history (marked ``variant``) and the cost model, but not into the search's early stopping,
-which counts its own trials. The build takes whichever candidate ran fastest, as with any other trial.
+took more than :data:`UNSCHEDULED_WITHIN` times the best: tiny_cnn's convolutions run 7-34x slower in
+TVM's default loops than tuned, its transpose and mean as fast or faster). They are ordinary trials:
+they take budget and go into the log, the history (marked ``variant``) and the cost model, but not
+into the search's early stopping, which counts its own trials. The build takes whichever candidate ran
+fastest, as with any other trial.
 """
 
 from __future__ import annotations

@@ -158,8 +158,8 @@ def test_the_unscheduled_kernel_is_no_candidate_when_its_first_timing_was_far_sl
     mean, dense = _index(tasks, "mean1"), _index(tasks, "fused_matmul_add51")
     # The session timed the mean without a schedule within the margin of its best, the dense layer far
     # above it (as a convolution in TVM's default loops is).
-    variants, asked, state = _variants_run(tiny_tasks, {mean: 0.6, dense: 0.7},
-                                           untuned={mean: 0.6 * UNSCHEDULED_WITHIN * 0.9, dense: 0.7 * UNSCHEDULED_WITHIN})
+    untuned = {mean: 0.6 * UNSCHEDULED_WITHIN * 0.9, dense: 0.7 * UNSCHEDULED_WITHIN}
+    variants, asked, state = _variants_run(tiny_tasks, {mean: 0.6, dense: 0.7}, untuned=untuned)
     state["first_pass_done"] = True
     variants.after_batch(mean)
     assert asked == [(mean, SERIAL), (mean, UNSCHEDULED), (dense, SERIAL)]
