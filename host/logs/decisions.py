@@ -394,5 +394,7 @@ def describe_decisions(d: dict[str, Any]) -> list[str]:
             lines.append(f"auto-unroll ({how}) <= {u['value']} steps on loop {u['on']}")
     for a in d.get("annotations", []):
         lines.append(f"{a['on']}: {a['key']} = {a['value']}")
+    if not lines:  # a kernel timed without a schedule (host/tuning/variants.py): nothing was decided
+        lines.append("no schedule: TVM's default loops")
     return lines
 

@@ -90,6 +90,7 @@ class SmallKernelVariants:
         self.first_pass_done = first_pass_done
         self._started = False  # whether the first pass was over at an earlier batch
         self._tried: set[tuple[int, int]] = set()  # (task, schedule key) of the candidates timed
+        self._logged: dict[int, set[str]] = {}  # task -> trace keys of its records (from earlier runs too)
         self.trials = 0
         self.improved = 0  # candidates that beat their task's best so far
 
@@ -117,6 +118,16 @@ class SmallKernelVariants:
             if not self._try(index):
                 return
 
+    def _in_log(self, task: int, trace: Any) -> bool:
+        """Whether the log already holds a record of ``trace`` for ``task``: a resumed session's earlier
+        runs timed their candidates already."""
+        from .finals import trace_key
+
+        if task not in self._logged:
+            workload = self.database.commit_workload(self.contexts[task].mod)
+            self._logged[task] = {trace_key(r.trace) for r in self.database.get_top_k(workload, 1 << 20)}
+        return trace_key(trace) in self._logged[task]
+
     def _try(self, task: int) -> bool:
         """Time ``task``'s candidates not timed yet, if it is small; False once the budget is spent."""
         from .strategy import schedule_key
@@ -126,7 +137,7 @@ class SmallKernelVariants:
             return True
         for variant, sch in self.candidates(task):
             key = schedule_key(sch.mod)
-            if (task, key) in self._tried:
+            if (task, key) in self._tried or self._in_log(task, sch.trace):
                 continue
             self._tried.add((task, key))
             before = self.best_us()[task]

@@ -41,6 +41,7 @@ def _parallel_loops(mod) -> int:
 def test_the_serial_form_of_a_schedule_drops_its_parallel_loops_and_computes_the_same(tiny_tasks):
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
+    from host.logs.decisions import describe_trace
     from host.tuning.variants import serial_variant, unscheduled
 
     _, tasks, contexts = tiny_tasks
@@ -58,6 +59,9 @@ def test_the_serial_form_of_a_schedule_drops_its_parallel_loops_and_computes_the
         assert serial_variant(serial.trace, context.mod) is None
         bare = unscheduled(context.mod)
         assert [i.kind.name for i in bare.trace.insts] == ["GetSBlock"] and _parallel_loops(bare.mod) == 0
+        assert describe_trace(bare.trace, context.mod) == ["no schedule: TVM's default loops"]  # `log show`
+        assert not any("parallel loop " in line for line in describe_trace(serial.trace, context.mod))
+        assert any("parallel loop " in line for line in describe_trace(searched.trace, context.mod))
         infos = ArgInfo.from_prim_func(context.mod["main"])
         rng = np.random.default_rng(7)
         inputs = [rng.standard_normal([int(d) for d in info.shape]).astype("float32") for info in infos[:-1]]
@@ -163,6 +167,23 @@ def test_the_unscheduled_kernel_is_no_candidate_when_its_first_timing_was_far_sl
     state["first_pass_done"] = True
     variants.after_batch(mean)
     assert asked == [(mean, SERIAL), (mean, UNSCHEDULED), (dense, SERIAL)]
+
+
+def test_candidates_the_log_already_holds_are_not_timed_again(tiny_tasks):
+    """A resumed session: its earlier run timed the mean's candidates, so this run asks for none."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    _, tasks, contexts = tiny_tasks
+    mean = _index(tasks, "mean1")
+    variants, asked, state = _variants_run(tiny_tasks, {mean: 0.6})
+    for _, sch in variants.candidates(mean):
+        variants.database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, variants.database.commit_workload(contexts[mean].mod), [0.6e-6], None,
+            ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+    state["first_pass_done"] = True
+    variants.after_batch(mean)
+    assert asked == [] and variants.trials == 0
 
 
 def test_the_candidates_stop_when_the_budget_is_spent(tiny_tasks):
