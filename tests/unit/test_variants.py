@@ -34,6 +34,16 @@ def _index(tasks, name: str) -> int:
     return next(i for i, t in enumerate(tasks) if t.name == name)
 
 
+def _commit(database, workload_mod, sch, secs: float, target=None) -> None:
+    """A record of ``sch`` for ``workload_mod`` in ``database``, timed at ``secs``."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    database.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, database.commit_workload(workload_mod), [secs], target,
+        ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+
+
 def _parallel_loops(mod) -> int:
     return mod.script().count("T.parallel(")
 
@@ -81,8 +91,6 @@ def _kernel_source(executable, name: str) -> str:
 @pytest.mark.parametrize("fastest", ["searched", "unscheduled"])
 def test_the_build_applies_whichever_record_is_fastest_the_unscheduled_kernel_too(tiny_tasks, fastest):
     import tvm
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     from host.build.build import fallback_database
     from host.tuning.tasks import compile_tuned
@@ -93,13 +101,10 @@ def test_the_build_applies_whichever_record_is_fastest_the_unscheduled_kernel_to
     index = _index(tasks, "mean1")
     context = contexts[index]
     database = fallback_database([t for i, t in enumerate(tasks) if i != index], target)
-    workload = database.commit_workload(context.mod)
     searched = searched_schedule(context, context.generate_design_space()[0])
-    times = {"searched": [2e-6], "unscheduled": [3e-6]} if fastest == "searched" else \
-        {"searched": [2e-6], "unscheduled": [1e-7]}
+    times = {"searched": 2e-6, "unscheduled": 3e-6 if fastest == "searched" else 1e-7}
     for name, sch in (("searched", searched), ("unscheduled", unscheduled(context.mod))):
-        database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, workload, times[name], target, ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+        _commit(database, context.mod, sch, times[name], target)
     source = _kernel_source(compile_tuned(database, model.mod, target), "mean1")
     # A parallel loop is a call into the thread pool with the loop body as a closure.
     assert ("TVMBackendParallelLaunch" in source) is (fastest == "searched")
@@ -109,17 +114,14 @@ def _variants_run(tiny_tasks, best: dict[int, float], budget: int = 100, untuned
     """A SmallKernelVariants over tiny_cnn's tasks whose measure commits each candidate with the time
     ``best`` gives its task (so it neither beats nor loses) and records what was asked."""
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     from host.tuning.variants import SmallKernelVariants
 
     _, tasks, contexts = tiny_tasks
     database = ms.database.MemoryDatabase()
-    searched = {i: searched_schedule(c, c.generate_design_space()[0]) for i, c in enumerate(contexts) if i in best}
-    for i, sch in searched.items():
-        database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, database.commit_workload(contexts[i].mod), [best[i] * 1e-6], None,
-            ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+    for i in best:
+        _commit(database, contexts[i].mod, searched_schedule(contexts[i], contexts[i].generate_design_space()[0]),
+                best[i] * 1e-6)
     asked: list[tuple[int, str]] = []
     state = {"first_pass_done": False, "budget": budget}
 
@@ -171,16 +173,11 @@ def test_the_unscheduled_kernel_is_no_candidate_when_its_first_timing_was_far_sl
 
 def test_candidates_the_log_already_holds_are_not_timed_again(tiny_tasks):
     """A resumed session: its earlier run timed the mean's candidates, so this run asks for none."""
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
     _, tasks, contexts = tiny_tasks
     mean = _index(tasks, "mean1")
     variants, asked, state = _variants_run(tiny_tasks, {mean: 0.6})
     for _, sch in variants.candidates(mean):
-        variants.database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, variants.database.commit_workload(contexts[mean].mod), [0.6e-6], None,
-            ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+        _commit(variants.database, contexts[mean].mod, sch, 0.6e-6)
     state["first_pass_done"] = True
     variants.after_batch(mean)
     assert asked == [] and variants.trials == 0
