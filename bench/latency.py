@@ -36,14 +36,20 @@ def model_path(name: str) -> str:
     return str(shared) if not Path(name).exists() and shared.exists() else name
 
 
-def pool_launch_us(bed, target: dict) -> float:
-    """What one launch of TVM's thread pool costs on the board now, in us: the p50 of a kernel whose
-    only work is a two-way parallel loop of 64 additions (serial, the same loop takes ~0.01 us).
+def board_state(bed, target: dict) -> dict[str, float]:
+    """The board's state now, from two probe kernels timed on it (p50s).
 
-    A small model's kernels launch the pool several times a run, so this says what state the board is
-    in: on a 2-core VM with nothing else running it moved between ~0.6 us and ~2.3 us from one stretch of
-    minutes to the next, and tiny_cnn's two-thread kernels with it (its Winograd kernel, four launches:
-    20 against 46 us)."""
+    ``pool_launch_us``: one launch of TVM's thread pool, a kernel whose only work is a two-way parallel
+    loop of 64 additions (serial, the same loop takes ~0.01 us). ``two_core_speedup``: a small
+    matrix product per thread (64x64x64, in the core's L1), two of them run in parallel, against one
+    run alone: 2.0 when both cores compute at full speed at once.
+
+    A small model's kernels launch the pool several times a run, and they split their work over both
+    cores, so these say what state the board is in. On a 2-core VM with nothing else running, both moved
+    from one stretch of minutes to the next: the launch between ~0.6 and ~2.3 us (TVM's pool waits by
+    calling ``sched_yield``, a ~0.4 us system call there), and in the slow stretches the two vCPUs also
+    computed as if they shared one core. tiny_cnn's Winograd kernel then took 46 against 20 us, its
+    serial form 38."""
     import tempfile
 
     import numpy as np
@@ -52,22 +58,29 @@ def pool_launch_us(bed, target: dict) -> float:
     from host.bench.bench import _board_session
 
     with tempfile.TemporaryDirectory() as folder, \
-            _board_session(bed["tracker"], bed["key"], None, "the pool launch probe") as (session, _):
-        path = Path(folder) / "pool-launch.so"
-        tvm.compile(_launch_kernel(), target=tvm.target.Target(target)).mod.export_library(str(path))
+            _board_session(bed["tracker"], bed["key"], None, "the board-state probe") as (session, _):
+        path = Path(folder) / "board-state.so"
+        tvm.compile(_probe_kernels(), target=tvm.target.Target(target)).mod.export_library(str(path))
         session.upload(str(path), path.name)
-        func = session.load_module(path.name)
+        module = session.load_module(path.name)
         dev = session.cpu()
-        args = [tvm.runtime.tensor(np.zeros(64, "float32"), dev) for _ in range(2)]
-        results = func.time_evaluator("main", dev, number=2000, repeat=7)(*args).results
-    return round(float(np.median(results)) * 1e6, 3)
+
+        def p50(name: str, args: list, number: int) -> float:
+            return float(np.median(module.time_evaluator(name, dev, number=number, repeat=7)(*args).results))
+
+        launch = p50("launch", [tvm.runtime.tensor(np.zeros(64, "float32"), dev) for _ in range(2)], 2000)
+        a, b = (tvm.runtime.tensor(np.random.rand(2, 64, 64).astype("float32"), dev) for _ in range(2))
+        one, two = (p50(name, [a, b, tvm.runtime.tensor(np.zeros((lanes, 64, 64), "float32"), dev)], 200)
+                    for name, lanes in (("one", 1), ("two", 2)))
+    return {"pool_launch_us": round(launch * 1e6, 3), "two_core_speedup": round(2 * one / two, 2)}
 
 
-def _launch_kernel():
-    """The probe's kernel, ``b = a + 1`` over 64 values in two parallel halves. Made with ``te`` and a
-    schedule, not TVMScript: TVMScript's parser keeps the frames on the stack alive in a reference
-    cycle, and a frame that then holds the board's session keeps the board busy until the garbage
-    collector runs (the next request for a board finds none free)."""
+def _probe_kernels():
+    """The probes' kernels, made with ``te`` and schedules, not TVMScript: TVMScript's parser keeps the
+    frames on the stack alive in a reference cycle, and a frame that then holds the board's session keeps
+    the board busy until the garbage collector runs (the next request for a board finds none free).
+    ``launch``: ``b = a + 1`` over 64 values in two parallel halves. ``one`` / ``two``: ``c[i] = a[i] @
+    b[i]`` for i = 0 only / for both in parallel (rows of ``c`` kept in registers, vectorised)."""
     import tvm
     from tvm import te
     from tvm.s_tir import Schedule
@@ -78,7 +91,21 @@ def _launch_kernel():
     (loop,) = sch.get_loops(sch.get_sblock("b"))
     halves, _ = sch.split(loop, [2, 32])
     sch.parallel(halves)
-    return sch.mod
+    funcs = {"launch": sch.mod["main"]}
+    for name, lanes in (("one", 1), ("two", 2)):
+        x, y = te.placeholder((2, 64, 64), "float32", "x"), te.placeholder((2, 64, 64), "float32", "y")
+        k = te.reduce_axis((0, 64), "k")
+        z = te.compute((lanes, 64, 64), lambda i, m, n: te.sum(x[i, m, k] * y[i, k, n], axis=k), name="z")
+        sch = Schedule(te.create_prim_func([x, y, z]))
+        block = sch.get_sblock("z")
+        i, m, n, k_loop = sch.get_loops(block)
+        sch.reorder(i, m, k_loop, n)
+        sch.vectorize(n)
+        if lanes == 2:
+            sch.parallel(i)
+        sch.decompose_reduction(block, k_loop)
+        funcs[name] = sch.mod["main"]
+    return tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in funcs.items()})
 
 
 def variant_name(args) -> str:
@@ -152,10 +179,10 @@ def main() -> None:
                                              use_schedules=False))
             tuned_now = time.monotonic() - started
             session = TuningLog.open(log_dir).session
-            launch_before = pool_launch_us(bed, target)
+            state_before = board_state(bed, target)
             measured = bench(model, bed["key"], bed["tracker"], log_dir=str(log_dir), runs=args.runs,
                              rounds=args.rounds)
-            launch_after = pool_launch_us(bed, target)
+            state_after = board_state(bed, target)
             if measured.onnxruntime is None or measured.tuned is None or measured.untuned is None:
                 raise SystemExit(f"{model}: incomplete measurement: {measured.notes}")
             ort, tuned, untuned = measured.onnxruntime.p50_ms, measured.tuned.p50_ms, measured.untuned.p50_ms
@@ -179,9 +206,8 @@ def main() -> None:
                 "carried_to_siblings": {k: sum(int((r.get("carried_to_siblings") or {}).get(k, 0))
                                                for r in session.get("runs", [])) for k in ("trials", "improved")},
                 "max_abs_err": {"tuned": measured.tuned.max_abs_err, "onnxruntime": measured.onnxruntime.max_abs_err},
-                # The board's state while the builds were timed: one thread-pool launch, before and after
-                # (see pool_launch_us).
-                "pool_launch_us": {"before": launch_before, "after": launch_after},
+                # The board's state while the builds were timed, just before and just after (see board_state).
+                **{key: {"before": state_before[key], "after": state_after[key]} for key in state_before},
                 "target": target,
             })
     json.dump(figures, sys.stdout, indent=2)

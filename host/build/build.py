@@ -38,7 +38,7 @@ from ..models.onnx_import import Model, load_onnx
 from ..toolchain import check_target, toolchain_for
 from ..tuning.layout import DEFAULT as DEFAULT_LAYOUT, log_layout
 from ..tuning.tasks import Task, compile_tuned, extract_tasks, log_layout_rewrite
-from ..tuning.winograd import log_winograd
+from ..tuning.winograd import FUSED, log_winograd
 from ..tuning.finals import finals_database
 from ..tuning.timing import log_times_cold
 
@@ -278,7 +278,7 @@ def build(model_path: str, key: str, out_dir: str | Path, log_dir: str | None = 
     has_records = log is not None and log.record_count() > 0
     layout_rewrite = log_layout_rewrite(log.session, has_records) if log is not None else True
     layout = log_layout(log.session, has_records) if log is not None else DEFAULT_LAYOUT
-    winograd = log_winograd(log.session, has_records) if log is not None else True
+    winograd = log_winograd(log.session, has_records) if log is not None else FUSED
     tasks = extract_tasks(model.mod, target, layout_rewrite, layout, winograd)
     coverage = task_coverage(tuned_db, tasks)
     tuned = sum(1 for c in coverage if c.tuned)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..logs.format import kernel_form, workload_key  # the key a tuning log gives a workload; re-exported for tuning
+from .winograd import FUSED
 from .layout import DEFAULT as DEFAULT_LAYOUT, convert_layout
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,10 @@ class Task:
 
 
 def lower_for_tuning(mod, target, layout_rewrite: bool = True, layout: str = DEFAULT_LAYOUT,
-                     winograd: bool = True):
+                     winograd: bool | str = FUSED):
     """The Relax module at the point where the tuning log is applied: the convolutions in ``layout``
     (see :mod:`.layout`), library dispatch, LegalizeOps (with ``winograd``, 3x3 NHWC convolutions as
-    Winograd kernels: see :mod:`.winograd`), AnnotateTIROpPattern, FoldConstant, FuseOps,
+    Winograd kernels of that form: see :mod:`.winograd`), AnnotateTIROpPattern, FoldConstant, FuseOps,
     FuseTIR. Extracting tasks from the same form the build applies the log to keeps the tuning log's
     workloads and the build's kernels identical.
 
@@ -53,7 +54,7 @@ def lower_for_tuning(mod, target, layout_rewrite: bool = True, layout: str = DEF
         dispatch = []
     seq = tvm.transform.Sequential([
         *dispatch,
-        relax.transform.LegalizeOps(winograd_legalize_map() if winograd else None),
+        relax.transform.LegalizeOps(winograd_legalize_map(winograd) if winograd else None),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -65,7 +66,7 @@ def lower_for_tuning(mod, target, layout_rewrite: bool = True, layout: str = DEF
 
 
 def compile_tuned(database, mod, target, layout_rewrite: bool = True, layout: str = DEFAULT_LAYOUT,
-                  winograd: bool = True, exec_mode: str = "compiled"):
+                  winograd: bool | str = FUSED, exec_mode: str = "compiled"):
     """Compile ``mod`` with the schedules of ``database`` applied; returns a Relax VM executable.
 
     ``exec_mode="compiled"``: the model's program (which kernel runs when, on which buffers) is compiled
@@ -108,7 +109,7 @@ def log_layout_rewrite(session: dict[str, Any], has_records: bool, wanted: bool 
 
 
 def extract_tasks(mod, target_dict: dict[str, Any], layout_rewrite: bool = True,
-                  layout: str = DEFAULT_LAYOUT, winograd: bool = True) -> list[Task]:
+                  layout: str = DEFAULT_LAYOUT, winograd: bool | str = FUSED) -> list[Task]:
     """The model's tuning tasks for ``target_dict``, most expected benefit (FLOPs x weight) first;
     ``layout_rewrite``, ``layout`` and ``winograd``: the kernel form (see :func:`lower_for_tuning`)."""
     import tvm

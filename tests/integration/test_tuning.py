@@ -322,7 +322,7 @@ def test_every_task_is_measured_in_a_short_first_pass_then_trials_follow_model_t
     session, history = session_of(cold_log["dir"]), history_of(cold_log["dir"])
     assert session["layout_rewrite"] is True and session["layout"] == "NHWC"
     # tiny_cnn's one 3x3 stride-1 convolution (16 -> 32 channels at 32x32) is a Winograd kernel.
-    assert session["winograd"] is True
+    assert session["winograd"] == "fused"
     assert len([t for t in session["tasks"] if "winograd" in t["name"]]) == 1, [t["name"] for t in session["tasks"]]
     # Timed cold only when the weights do not fit in the board's last-level cache (the agent says its
     # size; tiny_cnn's 180 kB fit in any this machine has).

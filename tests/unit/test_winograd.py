@@ -52,10 +52,12 @@ def mixed_convs(tmp_path_factory) -> Path:
 def test_a_log_says_whether_its_3x3_convs_are_winograd_and_an_older_log_has_direct_ones():
     from host.tuning.winograd import log_winograd
 
-    assert log_winograd({"winograd": True}, True) is True
+    assert log_winograd({"winograd": True}, True) is True  # the three-stage form: its records keep it
+    assert log_winograd({"winograd": "fused"}, True) == "fused"
     assert log_winograd({"winograd": False}, True, wanted=True) is False  # its records keep their form
     assert log_winograd({"layout": "NHWC"}, True) is False  # records from before the choice was recorded
-    assert log_winograd({}, False, wanted=False) is False and log_winograd({}, False) is True  # an empty log
+    assert log_winograd({"winograd": "tiles"}, True) is False  # a form this version does not know
+    assert log_winograd({}, False, wanted=False) is False and log_winograd({}, False) == "fused"  # an empty log
 
 
 def test_only_3x3_stride_1_convs_with_enough_channels_and_tiles_become_winograd_kernels(mixed_convs, tmp_path):
@@ -93,6 +95,7 @@ def test_winograd_kernels_match_onnxruntime_and_a_log_builds_in_the_form_it_was_
     from host.tuning.tasks import extract_tasks
 
     model = load_onnx(str(mixed_convs))
+    fused_tasks = extract_tasks(model.mod, HOST_TARGET, True, "NHWC", "fused")
     winograd_tasks = extract_tasks(model.mod, HOST_TARGET, True, "NHWC", True)
     direct_tasks = extract_tasks(model.mod, HOST_TARGET, True, "NHWC", False)
 
@@ -104,7 +107,15 @@ def test_winograd_kernels_match_onnxruntime_and_a_log_builds_in_the_form_it_was_
         return {"winograd": info["winograd"], "tuned": sum(1 for c in result.coverage if c.tuned),
                 "tasks": len(result.coverage)}
 
-    # A log of Winograd kernels (one sampled schedule per task): every record used, the numbers right.
+    # A new log's Winograd kernels (one sampled schedule per task): every record used, the numbers right.
+    fused = _write_log(tmp_path / "fused-log", model, {"layout": "NHWC", "winograd": "fused"}, fused_tasks)
+    assert built("fused", fused) == {"winograd": "fused", "tuned": len(fused_tasks), "tasks": len(fused_tasks)}
+    # The two forms are two workloads: a log keeps building the form it was tuned in.
+    def winograd_hashes(tasks):
+        return {t.workload_hash for t in tasks if "winograd" in t.name}
+
+    assert len(winograd_hashes(fused_tasks)) == 1 and not winograd_hashes(fused_tasks) & winograd_hashes(winograd_tasks)
+    # A log of three-stage Winograd kernels, from before the fused form.
     said = _write_log(tmp_path / "winograd-log", model, {"layout": "NHWC", "winograd": True}, winograd_tasks)
     assert built("winograd", said) == {"winograd": True, "tuned": len(winograd_tasks), "tasks": len(winograd_tasks)}
     # A log from before the choice was recorded holds direct kernels: built with them, every record used.
@@ -112,9 +123,12 @@ def test_winograd_kernels_match_onnxruntime_and_a_log_builds_in_the_form_it_was_
     assert built("old", old) == {"winograd": False, "tuned": len(direct_tasks), "tasks": len(direct_tasks)}
 
 
-def test_every_sampled_schedule_of_a_winograd_kernel_computes_the_convolution():
-    """The transforms' rules and MetaSchedule's tiling of the products, with their decisions drawn at
-    random: each schedule's kernel gives the direct convolution's numbers."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "three-stage"])
+def test_every_sampled_schedule_of_a_winograd_kernel_computes_the_convolution(fused):
+    """Both forms' schedules with their decisions drawn at random (the fused rule's tile rows and
+    register blocks; the three-stage form's transform rules and MetaSchedule's tiling of the products):
+    each schedule's kernel gives the direct convolution's numbers, on an image whose last tiles are partly
+    outside it."""
     import tvm
     from tvm import te, tirx
     from tvm.s_tir import meta_schedule as ms
@@ -125,9 +139,12 @@ def test_every_sampled_schedule_of_a_winograd_kernel_computes_the_convolution():
     size, cin, cout = 10, 16, 24  # 3x3 tiles of 4, the last one partly outside the image
     data = te.placeholder((1, size, size, cin), "float32", name="data")
     packed = te.placeholder((6, 6, cin, cout), "float32", name="packed")
-    conv = winograd.conv2d_nhwc(data, packed)
+    conv = winograd.conv2d_nhwc(data, packed, fused=fused)
+    # An epilogue that reads the convolution twice (a block with two consumers, as SiLU's has).
     relu = te.compute(conv.shape, lambda *i: te.max(conv(*i), tirx.const(0.0, "float32")), name="relu")
-    mod = tvm.IRModule({"main": te.create_prim_func([data, packed, relu])})
+    gate = te.compute(conv.shape, lambda *i: te.sigmoid(conv(*i)), name="gate")
+    out = te.compute(conv.shape, lambda *i: relu(*i) + gate(*i) * tirx.const(0.5, "float32"), name="out")
+    mod = tvm.IRModule({"main": te.create_prim_func([data, packed, out])})
     target = tvm.target.Target(HOST_TARGET)
 
     rng = np.random.default_rng(3)
@@ -135,8 +152,9 @@ def test_every_sampled_schedule_of_a_winograd_kernel_computes_the_convolution():
     w = (rng.standard_normal((cout, 3, 3, cin)) * 0.2).astype("float32")  # OHWI
     g = winograd._matrices(winograd.TILE)[2]
     padded = np.pad(x.astype("float64"), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    expected = np.maximum(sum(np.einsum("nhwc,oc->nhwo", padded[:, i:i + size, j:j + size, :], w[:, i, j, :])
-                              for i in range(3) for j in range(3)), 0)
+    direct = sum(np.einsum("nhwc,oc->nhwo", padded[:, i:i + size, j:j + size, :], w[:, i, j, :])
+                 for i in range(3) for j in range(3))
+    expected = np.maximum(direct, 0) + 0.5 / (1 + np.exp(-direct))
     # The weight transform as TVM runs it at build time, against G g G^T in float64.
     weight = te.placeholder(w.shape, "float32", name="w")
     transform = tvm.compile(tvm.IRModule({"main": te.create_prim_func([weight, winograd.weight_transform(weight)])}),
@@ -152,14 +170,16 @@ def test_every_sampled_schedule_of_a_winograd_kernel_computes_the_convolution():
     spaces = ctx.generate_design_space()
     assert spaces
     built = 0
-    for seed, space in enumerate(list(spaces) * 2):
+    for seed, space in enumerate(list(spaces) * (6 if fused else 2)):
         sch = tvm.s_tir.Schedule(mod, seed=seed + 1)
         space.trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=lambda *_: None)
         if not all(p.apply(sch) for p in ctx.space_generator.postprocs):
             continue
+        if fused:  # one parallel loop: the thread pool is launched once a run
+            assert sch.mod.script().count("T.parallel(") == 1, sch.mod.script()
         lib = tvm.compile(sch.mod, target=target)
         out = tvm.runtime.empty((1, size, size, cout), "float32", dev)
         lib["main"](tvm.runtime.tensor(x, dev), packed_np, out)
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
         built += 1
-    assert built >= len(spaces)
+    assert built >= len(spaces) * (6 if fused else 2) // 2
