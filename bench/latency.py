@@ -6,7 +6,8 @@ instead, timed on the board itself) and against TVM's default build, all measure
 Prints JSON: per model the p50 of ONNX Runtime, untuned and tuned, the ratios, and the trials and
 minutes the tuning took. The builds are timed in ``--rounds`` alternating rounds; the ratio to ONNX
 Runtime is the median of the rounds' (each is listed too). The tuning logs are kept (``--logs``, default ``~/.cache/edgetune/bench-logs``)
-under a name of model, trials and variant, so a rerun measures again without tuning again.
+under a name of model, trials and variant, so a rerun measures again without tuning again (a kept log
+of three-stage Winograd kernels, from before the fused ones, gets a ``-fused`` log beside it).
 ``--layout NCHW`` (the model's own layout, as edgetune tuned before NHWC), ``--no-layout-rewrite``,
 ``--no-winograd``, ``--hot-weights`` and ``--scheduler gradient|time-share`` tune the A/B variants of
 those levers.
@@ -34,6 +35,18 @@ def model_path(name: str) -> str:
     """A model name of ../shared/models (mobilenet_v2, resnet18, resnet34) or anything `tune` takes."""
     shared = SHARED_MODELS / f"{name}.onnx"
     return str(shared) if not Path(name).exists() and shared.exists() else name
+
+
+def bench_log_dir(logs: str | Path, model: str, trials: int, variant: str) -> Path:
+    """Where a benchmark keeps the tuning log of ``model`` after ``trials`` in ``variant``. A kept log
+    tuned before the fused Winograd kernel (``"winograd": true`` in its session) builds as it was tuned,
+    so a rerun would time the older kernel: a run that tunes Winograd kernels takes a new log beside it."""
+    path = Path(logs) / f"{Path(model).stem}-{trials}-{variant}"
+    session = path / "session.json"
+    if "nowino" not in variant.split("-") and session.exists() \
+            and json.loads(session.read_text()).get("winograd") is True:
+        return path.with_name(f"{path.name}-fused")
+    return path
 
 
 def board_state(bed, target: dict) -> dict[str, float]:
@@ -166,7 +179,7 @@ def main() -> None:
     figures = []
     with local_board() as bed:
         for model in [model_path(m.strip()) for m in args.models.split(",") if m.strip()]:
-            log_dir = Path(args.logs) / f"{Path(model).stem}-{args.trials}-{variant_name(args)}"
+            log_dir = bench_log_dir(args.logs, model, args.trials, variant_name(args))
             started = time.monotonic()
             result = run_session(TuneOptions(model=model, key=bed["key"], trials=args.trials, log_dir=str(log_dir),
                                              tracker=bed["tracker"], target=target, board=profile.as_dict(),

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from _bed import local_board
-from latency import model_path
+from latency import bench_log_dir, model_path
 from make_resnet34 import write as write_resnet34
 
 REACH = 0.95
@@ -88,7 +88,7 @@ def main() -> None:
     resnet34 = str(write_resnet34())
     sessions: dict[str, dict] = {}
     with local_board() as bed:
-        cold_log = logs / f"resnet18-{args.cold_trials}-default"
+        cold_log = bench_log_dir(logs, "resnet18", args.cold_trials, "default")
         sessions["cold"] = tune("resnet18", args.cold_trials, cold_log, bed, target)
         cold = curve(cold_log)
         best = min(estimate for _, estimate in cold)
@@ -100,7 +100,7 @@ def main() -> None:
         sources = {name: sources[name] for name in args.sources.split(",") if name in sources}
         budget = max(1, int(cold_needed * args.seeded_share))
         for name, (model, trials) in sources.items():
-            source_log = logs / f"{Path(model).stem}-{trials}-default"
+            source_log = bench_log_dir(logs, model, trials, "default")
             sessions[f"{name}_session"] = tune(model, trials, source_log, bed, target)
             work = Path(tempfile.mkdtemp(prefix="edgetune-store-bench-"))
             store = str(work / "schedules.sqlite")
