@@ -41,10 +41,12 @@ def bench_log_dir(logs: str | Path, model: str, trials: int, variant: str) -> Pa
     """Where a benchmark keeps the tuning log of ``model`` after ``trials`` in ``variant``. A kept log
     tuned before the fused Winograd kernel (``"winograd": true`` in its session) builds as it was tuned,
     so a rerun would time the older kernel: a run that tunes Winograd kernels takes a new log beside it."""
+    from host.logs.format import read_session
+    from host.tuning.winograd import log_winograd
+
     path = Path(logs) / f"{Path(model).stem}-{trials}-{variant}"
-    session = path / "session.json"
-    if "nowino" not in variant.split("-") and session.exists() \
-            and json.loads(session.read_text()).get("winograd") is True:
+    session = read_session(path / "session.json")
+    if "nowino" not in variant.split("-") and session is not None and log_winograd(session, True) is True:
         return path.with_name(f"{path.name}-fused")
     return path
 
