@@ -5,7 +5,8 @@ with the batch size a session can afford (budget / tasks), most of a small budge
 uniform pass and no task ever saw a cost-model-guided second batch. Here:
 
 1. first pass: every task gets one short batch (the strategy trims it, see ``BudgetedStrategy``), so
-   each task has a measured latency and the shared XGBoost model has data from every kernel shape;
+   each task has a measured latency and the shared XGBoost model has data from every kernel shape (a
+   task a seed's schedule was measured for before the search, in a seeded session, has both: it skips it);
 2. then each batch goes to the task with the largest ``weight x best latency x room / batches so far``:
    a task's trials grow with its share of the model's time, and more so the further its kernel runs
    below the FLOP rate the model's best kernel reaches on the board (``room`` is 1 for that kernel, up
@@ -110,14 +111,16 @@ class WeightedScheduler(PyTaskScheduler):
     """
 
     def __init__(self, best_us, weights: Sequence[float], flops: Sequence[float] | None = None,
-                 after_batch=None, overlap: bool = False) -> None:
+                 after_batch=None, overlap: bool = False, measured: Sequence[int] = ()) -> None:
         super().__init__()
         self.best_us = best_us  # callable: () -> list of each task's best latency in us, or None
         self.weights = list(weights)
         self.flops = list(flops) if flops is not None else None
         self.after_batch = after_batch  # callable(task): runs once a task's batch is measured and recorded
         self.overlap = overlap
-        self.batches = [0] * len(self.weights)
+        # Tasks in ``measured`` (a seed's schedule measured before the search) count one batch already:
+        # they skip the first pass and compete for trials by their time at once.
+        self.batches = [1 if i in set(measured) else 0 for i in range(len(self.weights))]
         self.overlapped = 0  # batches handed out while another was still measuring
         self._running: list[int] = []  # tasks whose batch is out (built, measuring), oldest first
 

@@ -199,6 +199,7 @@ class _Run:
     store: Any = None  # the schedule store (ScheduleStore) the run seeds from and adds to, None without one
     entry: dict[str, Any] = field(default_factory=dict)  # this run in session.json's "runs"
     budget: Any = None  # strategy.Budget, once the search is made
+    replayed: set[int] = field(default_factory=set)  # tasks a seed's schedule was measured for (replay)
     started: float = field(default_factory=time.monotonic)
     trials_done: int = 0
 
@@ -532,6 +533,8 @@ def _seed(run: _Run, search: _Search) -> None:
         run.progress.on_event({"event": "seeded", "source": cost_info["seeded_from"], "records": len(run.seed_records),
                      "pretrained": cost_info.get("pretrained_on_seed", 0), "tasks_matched": len(tops)})
         cost_info["replayed_seed_best"], cost_info["replayed_seed"] = _replay(tops, run, search)
+        # Tasks a replay measured: they skip the search's first pass (scheduler.py).
+        cost_info["first_pass_skipped"] = len(run.replayed)
         run.log.save_session()
 
 
@@ -604,17 +607,41 @@ def seed_tops(tasks: list[Task], records: list[Any], per_task: int) -> dict[int,
     return tops
 
 
-def replay_order(tops: dict[int, list[Any]], budget: int) -> list[tuple[int, Any]]:
+def replay_order(tops: dict[int, list[Any]], budget: int,
+                 weights: dict[int, float] | None = None,
+                 untuned_us: dict[int, float | None] | None = None) -> list[tuple[int, Any]]:
     """The order the seed's schedules are measured in, ``(task, record)``: the best of every task first,
     then the runners-up rank by rank while they take no more than a quarter of ``budget`` (a task's best
     logged time is the luckiest of many noisy timings; one new timing of it regresses towards its mean, and
-    the next best schedules are as likely to be the fastest here)."""
-    order = [(index, records[0]) for index, records in sorted(tops.items())]
+    the next best schedules are as likely to be the fastest here).
+
+    Within a rank, the task whose replay can take the most off the model's time goes first: a best by
+    ``weight x (untuned - seed's time)`` (what it saves over the kernel TVM builds unscheduled, which is
+    what the model has until then), a runner-up by ``weight x seed's time`` (what a faster schedule can
+    still save; also a best's when its untuned time is unknown). Without weights, tasks go in index order."""
+    weights = weights or {}
+    untuned_us = untuned_us or {}
+
+    def logged_us(record: Any) -> float:
+        return (mean_run_secs(record.run_secs) or 0.0) * 1e6
+
+    def saves(index: int, record: Any, best: bool) -> float:
+        seed = logged_us(record)
+        untuned = untuned_us.get(index)
+        return weights.get(index, 1.0) * ((untuned - seed) if best and untuned else seed)
+
+    def rank_order(rank: int) -> list[int]:
+        indices = sorted(i for i, records in tops.items() if rank < len(records))
+        if not weights:
+            return indices
+        return sorted(indices, key=lambda i: (-saves(i, tops[i][rank], rank == 0), i))
+
+    order = [(index, tops[index][0]) for index in rank_order(0)]
     room = budget // 4
     for rank in range(1, max((len(r) for r in tops.values()), default=0)):
-        for index, records in sorted(tops.items()):
-            if rank < len(records) and room > 0:
-                order.append((index, records[rank]))
+        for index in rank_order(rank):
+            if room > 0:
+                order.append((index, tops[index][rank]))
                 room -= 1
     return order
 
@@ -625,7 +652,10 @@ def _replay(tops: dict[int, list[Any]], run: _Run, search: _Search) -> tuple[int
     from ..schedules.store import rebind
 
     replayed, best_of = 0, set()
-    for idx, record in replay_order(tops, run.budget.remaining):
+    untuned = run.session.get("untuned_us") or {}
+    order = replay_order(tops, run.budget.remaining, {i: float(t.weight) for i, t in enumerate(run.tasks)},
+                         {i: untuned.get(str(t.index)) for i, t in enumerate(run.tasks)})
+    for idx, record in order:
         if run.budget.take(1) == 0:
             break
         # The seed's trace is rebound to this session's kernel (block names differ between models), so
@@ -637,8 +667,10 @@ def _replay(tops: dict[int, list[Any]], run: _Run, search: _Search) -> tuple[int
             logger.debug("seed record does not apply: %s", err)
             run.budget.remaining += 1
             continue
-        _trial(run, search, idx, workload, candidate.sch, candidate.args_info)
+        _, latency = _trial(run, search, idx, workload, candidate.sch, candidate.args_info)
         replayed += 1
+        if latency is not None:
+            run.replayed.add(idx)
         if record is tops[idx][0]:
             best_of.add(idx)
     return len(best_of), replayed
@@ -696,7 +728,10 @@ def _search(run: _Run, search: _Search) -> None:
                 search.siblings.after_batch(task)
             search.variants.after_batch(task)
 
-        scheduler = WeightedScheduler(best_us, search.weights, flops, after_batch, overlap=run.entry["overlap"])
+        # A task the seed's replay measured has what the first pass gives (a latency, the cost model's
+        # data on its kernel): its trials go where the model's time is from the start.
+        scheduler = WeightedScheduler(best_us, search.weights, flops, after_batch, overlap=run.entry["overlap"],
+                                      measured=run.replayed)
         search.scheduler = scheduler
     ms.tune_tasks(
         tasks=search.contexts, task_weights=search.weights, work_dir=str(run.log.path),

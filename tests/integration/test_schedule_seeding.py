@@ -46,6 +46,8 @@ def test_a_session_adds_to_the_store_and_the_next_starts_from_it(tuning_bed, hos
     assert cost["seeded_from"] == f"schedule store {store}"
     assert cost["pretrained_on_seed"] == 12
     assert cost["replayed_seed_best"] == len(measured_tasks)
+    # Each task a replay measured skips the search's short first pass.
+    assert cost["first_pass_skipped"] == len(measured_tasks)
     # The replayed schedules are the session's first trials and count as trials: the best of each matched
     # task, then runners-up of the tasks the first session measured more than once, within a quarter of
     # the budget (10 // 4).

@@ -298,6 +298,20 @@ def test_a_seeded_session_measures_the_best_of_every_task_first_then_runners_up_
     assert order[:2] == [(i, tops[i][0]) for i in sorted(tops)]
     assert len(order) == 2 + 8 // 4 and all(r is tops[i][1] for i, r in order[2:])
     assert len(replay_order(tops, budget=100)) == 6 and len(replay_order(tops, budget=3)) == 2
+    # With the tasks' weights and untuned times, the best that saves the most goes first: here the
+    # second task, whose seed is far below its untuned kernel, though it runs once.
+    first, second = sorted(tops)
+    seed_us = {i: mean_run_secs(tops[i][0].run_secs) * 1e6 for i in tops}
+    weights = {first: 2.0, second: 1.0}
+    untuned = {first: seed_us[first] * 1.1, second: seed_us[second] + 10 * seed_us[first]}
+    weighted = replay_order(tops, budget=8, weights=weights, untuned_us=untuned)
+    assert [i for i, _ in weighted[:2]] == [second, first]
+    # Runners-up by what a faster schedule could still save (weight x seed's time), a quarter at most.
+    later = sorted(tops, key=lambda i: -weights[i] * mean_run_secs(tops[i][1].run_secs))
+    assert [i for i, _ in weighted[2:]] == later and all(r is tops[i][1] for i, r in weighted[2:])
+    # A task whose untuned time is unknown ranks by its weighted seed time (2 x its seed, against the
+    # other's saving of 10 x that seed).
+    assert [i for i, _ in replay_order(tops, 8, weights, {first: None, second: untuned[second]})[:2]] == [second, first]
 
 
 def database_key_of(log, workload_index: int) -> str | None:

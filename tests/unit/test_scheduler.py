@@ -17,6 +17,22 @@ def test_every_task_gets_a_batch_before_any_gets_a_second():
     assert order == [0, 1, 2]
 
 
+def test_tasks_a_seed_measured_skip_the_first_pass():
+    from host.tuning.scheduler import WeightedScheduler
+
+    # Tasks 0 and 2 had a seed's schedule measured (a replay): only task 1 needs a first batch, then
+    # trials go by the model's time, to task 2 (8 ms) before task 0 (1 ms).
+    best = [1000.0, None, 8000.0]
+    scheduler = WeightedScheduler(lambda: best, [1, 1, 1], measured=[0, 2])
+    assert scheduler.batches == [1, 0, 1]
+    batches = list(scheduler.batches)
+    assert next_task(best, [1, 1, 1], batches, [0, 1, 2]) == 1
+    batches[1] += 1
+    best[1] = 500.0
+    assert next_task(best, [1, 1, 1], batches, [0, 1, 2]) == 2
+    assert WeightedScheduler(lambda: best, [1, 1, 1]).batches == [0, 0, 0]
+
+
 def test_after_the_first_pass_trials_follow_the_share_of_model_time():
     # task 0 carries 9 ms x 1, task 1 carries 1 ms x 1: about nine batches to one.
     best = [9000.0, 1000.0]
