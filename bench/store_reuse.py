@@ -17,8 +17,8 @@ curve), counted only once every task has a measured latency. Seeded trials count
 Prints JSON: per session the trials to reach the cold reference, and the ratios to cold; for each seeded
 session the board's state before and after it (``latency.board_state``: on a VM whose two cores slow
 down together for minutes, a seeded session of a few minutes times its replays in one state).
-Unless ``--no-model-check``, the same question is also answered by the models a user would build: the cold
-log's, and each log cut after N trials (with its own best schedules, no store), built and timed on the
+Unless ``--no-model-check``, the same question is also answered by the models a user would build: the whole
+cold log's, and each log cut after N trials (with its own best schedules, no store), built and timed on the
 board against ONNX Runtime in alternating rounds. The cold figure is the first of N = 1/4, 1/2, 3/4 and
 all of the estimate's trials whose model's ratio is within 95% of the full cold log's; a seeded session's
 is the first of N = its replays of every task's best, and 1/10, 1/4 and 1/2 of the cold figure. Why
@@ -153,8 +153,8 @@ def main() -> None:
                         help="seeded sessions per store (tuning seeds 1..N), reported each and as a median")
     parser.add_argument("--no-model-check", action="store_true",
                         help="skip the built models' timings (the figure by the estimate only)")
-    parser.add_argument("--model-runs", type=int, default=300, help="timed runs of each built model")
-    parser.add_argument("--model-rounds", type=int, default=15, help="rounds those runs are split into")
+    parser.add_argument("--model-runs", type=int, default=1000, help="timed runs of each built model")
+    parser.add_argument("--model-rounds", type=int, default=25, help="rounds those runs are split into")
     parser.add_argument("--logs", default=str(Path.home() / ".cache" / "edgetune" / "bench-logs"))
     args = parser.parse_args()
     os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
@@ -180,7 +180,11 @@ def main() -> None:
         # what a user gets: the cold log's, and each log cut after N trials, timed against ONNX Runtime.
         model_needed = None
         if not args.no_model_check:
-            reference_ratio = model_ratio(cold_log, bed, args.model_runs, args.model_rounds)
+            # The whole cold log cut like the others (no finalists: a cut log has none), so that only
+            # the trials differ between the reference and a checkpoint.
+            every = sum(1 for line in (cold_log / "history.jsonl").read_text().splitlines() if line.strip())
+            whole = prefix_log(cold_log, every, Path(tempfile.mkdtemp(prefix="edgetune-store-bench-cut-")) / "all")
+            reference_ratio = model_ratio(whole, bed, args.model_runs, args.model_rounds)
             grid = sorted({max(1, cold_needed * k // 4) for k in (1, 2, 3, 4)})
             sessions["cold"].update(tuned_over_onnxruntime=reference_ratio,
                                     **model_reach(cold_log, grid, reference_ratio, bed, args))
