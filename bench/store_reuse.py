@@ -20,8 +20,9 @@ down together for minutes, a seeded session of a few minutes times its replays i
 Unless ``--no-model-check``, the same question is also answered by the models a user would build: the whole
 cold log's, and each log cut after N trials (with its own best schedules, no store), built and timed on the
 board against ONNX Runtime in alternating rounds. The cold figure is the first of N = 1/4, 1/2, 3/4 and
-all of the estimate's trials whose model's ratio is within 95% of the full cold log's; a seeded session's
-is the first of N = its replays of every task's best, and 1/10, 1/4 and 1/2 of the cold figure. Why
+all of the estimate's trials (then all 1,000) whose model's ratio is within 95% of the whole cold log's,
+reported with the checkpoint before it (the trials needed lie between); a seeded session's is the first
+of N = its replays of every task's best, and 1/10, 1/4 and 1/2 of the cold figure. Why
 both: the estimate's reference sums per kernel the luckiest of many noisy timings (a schedule timed
 again runs slower), which a session of few trials rarely matches even with the same schedules.
 Cold logs are kept (``--logs``, default ``~/.cache/edgetune/bench-logs``, the same names as
@@ -129,15 +130,21 @@ def model_ratio(log_dir: Path, bed: dict, runs: int, rounds: int) -> float:
 
 
 def model_reach(log_dir: Path, checkpoints: list[int], reference_ratio: float, bed: dict, args) -> dict:
-    """The model built from the log's first N trials, for each checkpoint N, timed against ONNX Runtime;
-    the first checkpoint whose ratio is within ``REACH`` of the cold model's (``reference_ratio``)."""
+    """The model built from the log's first N trials, for each checkpoint N in turn, timed against ONNX
+    Runtime, up to the first whose ratio is within ``REACH`` of the cold model's (``reference_ratio``)."""
     ratios: dict[int, float] = {}
     cut = Path(tempfile.mkdtemp(prefix="edgetune-store-bench-cut-"))
+    reached = None
     for trials in checkpoints:
         ratios[trials] = model_ratio(prefix_log(log_dir, trials, cut / str(trials)), bed, args.model_runs,
                                      args.model_rounds)
-    reached = next((n for n in checkpoints if ratios[n] <= reference_ratio / REACH), None)
-    return {"tuned_over_onnxruntime_at": ratios, "model_reaches_reference_at": reached}
+        if ratios[trials] <= reference_ratio / REACH:
+            reached = trials
+            break
+    # The checkpoint before it did not reach: the trials needed lie between the two.
+    short = max((n for n in checkpoints if reached is not None and n < reached), default=0)
+    return {"tuned_over_onnxruntime_at": ratios, "model_reaches_reference_at": reached,
+            "model_needs_more_than": short}
 
 
 def main() -> None:
@@ -161,6 +168,7 @@ def main() -> None:
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
 
     from device_agent.probe import read_profile
+    from host.logs.tuninglog import TuningLog
     from host.schedules.store import ScheduleStore
 
     target = read_profile().target
@@ -182,10 +190,10 @@ def main() -> None:
         if not args.no_model_check:
             # The whole cold log cut like the others (no finalists: a cut log has none), so that only
             # the trials differ between the reference and a checkpoint.
-            every = sum(1 for line in (cold_log / "history.jsonl").read_text().splitlines() if line.strip())
+            every = len(TuningLog.open(cold_log).history())
             whole = prefix_log(cold_log, every, Path(tempfile.mkdtemp(prefix="edgetune-store-bench-cut-")) / "all")
             reference_ratio = model_ratio(whole, bed, args.model_runs, args.model_rounds)
-            grid = sorted({max(1, cold_needed * k // 4) for k in (1, 2, 3, 4)})
+            grid = sorted({max(1, cold_needed * k // 4) for k in (1, 2, 3, 4)} | {every})
             sessions["cold"].update(tuned_over_onnxruntime=reference_ratio,
                                     **model_reach(cold_log, grid, reference_ratio, bed, args))
             model_needed = sessions["cold"]["model_reaches_reference_at"] or cold_needed
@@ -219,7 +227,10 @@ def main() -> None:
                     seeded.update(model_needed_cold=model_needed,
                                   **model_reach(work / "resnet18", grid, reference_ratio, bed, args))
                     reached = seeded["model_reaches_reference_at"]
-                    seeded["model_share_of_cold"] = round(reached / model_needed, 3) if reached else None
+                    # Between the cold log's two checkpoints around its own reach: a range of shares.
+                    above = sessions["cold"]["model_needs_more_than"]
+                    seeded["model_share_of_cold"] = ([round(reached / model_needed, 3),
+                                                      round(reached / (above + 1), 3)] if reached else None)
                 runs.append(seeded)
             sessions[f"resnet18_from_{name}"] = runs[0] if len(runs) == 1 else {
                 "runs": runs, "budget": budget,
