@@ -120,7 +120,8 @@ class WeightedScheduler(PyTaskScheduler):
         self.overlap = overlap
         # Tasks in ``measured`` (a seed's schedule measured before the search) count one batch already:
         # they skip the first pass and compete for trials by their time at once.
-        self.batches = [1 if i in set(measured) else 0 for i in range(len(self.weights))]
+        seeded = set(measured)
+        self.batches = [1 if i in seeded else 0 for i in range(len(self.weights))]
         self.overlapped = 0  # batches handed out while another was still measuring
         self._running: list[int] = []  # tasks whose batch is out (built, measuring), oldest first
 

@@ -622,11 +622,8 @@ def replay_order(tops: dict[int, list[Any]], budget: int,
     weights = weights or {}
     untuned_us = untuned_us or {}
 
-    def logged_us(record: Any) -> float:
-        return (mean_run_secs(record.run_secs) or 0.0) * 1e6
-
     def saves(index: int, record: Any, best: bool) -> float:
-        seed = logged_us(record)
+        seed = mean_run_us(record.run_secs) or 0.0
         untuned = untuned_us.get(index)
         return weights.get(index, 1.0) * ((untuned - seed) if best and untuned else seed)
 
