@@ -409,6 +409,7 @@ def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
     from tvm.s_tir import meta_schedule as ms
 
     from .builder import WarmBuilder
+    from .cost_model import session_xgb_model
     from .intrinsics import cpu_intrinsics_only
     from .runner import BoardRunner
     from .strategy import Budget, BudgetedStrategy
@@ -424,12 +425,8 @@ def _make_search(run: _Run, emit: Callable[[Event], None]) -> _Search:
     if options.strategy == "xgb":
         # Adaptive training (MetaSchedule's default) retrains only once the data grew by a fifth: with
         # the short batches of the first pass, retraining after every batch took about a third of the
-        # search time on 2 cores.
-        cost_model = ms.cost_model.XGBModel(
-            extractor=ms.feature_extractor.PerStoreFeature(extract_workload=True),
-            num_warmup_samples=8, num_tuning_cores=max(1, os.cpu_count() or 1),
-            adaptive_training=True, tree_method="auto",
-        )
+        # search time on 2 cores. The fifth counts the session's own records (cost_model.py).
+        cost_model = session_xgb_model()
     else:
         cost_model = ms.cost_model.RandomModel()
     seeded_from = (str(options.from_log) if options.from_log
@@ -565,11 +562,7 @@ def _pretrain(search: _Search, tasks: list[Task], records: list[Any]) -> int:
         _, cands, results = grouped[key]
         cands.append(candidate)
         results.append(RunnerResult([float(s) for s in record.run_secs], None))
-    used = 0
-    for context, cands, results in grouped.values():
-        search.cost_model.update(context, cands, results)
-        used += len(cands)
-    return used
+    return search.cost_model.pretrain(list(grouped.values()))
 
 
 def _measure_once(run: _Run, search: _Search, runner: Any, mod: Any,
@@ -844,6 +837,8 @@ def _close_run(run: _Run, search: _Search | None, status: Status) -> None:
             run.entry["carried_to_siblings"] = {"trials": search.siblings.trials, "improved": search.siblings.improved}
         if search.variants is not None:
             run.entry["small_kernels"] = {"trials": search.variants.trials, "improved": search.variants.improved}
+        if hasattr(search.cost_model, "trainings"):
+            run.entry["cost_model_trainings"] = search.cost_model.trainings
         if search.scheduler is not None:
             from .scheduler import overlap_seconds
 
