@@ -21,8 +21,9 @@ Unless ``--no-model-check``, the same question is also answered by the models a 
 cold log's, and each log cut after N trials (with its own best schedules, no store), built and timed on the
 board against ONNX Runtime in alternating rounds. The cold figure is the first of N = 1/4, 1/2, 3/4 and
 all of the estimate's trials (then all 1,000) whose model's ratio is within 95% of the whole cold log's,
-reported with the checkpoint before it (the trials needed lie between); a seeded session's is the first
-of N = its replays of every task's best, and 1/10, 1/4 and 1/2 of the cold figure. Why
+reported with the checkpoint before it (the trials needed lie between; ``--refine`` halves that gap, one
+build a halving); a seeded session's is the first of N = its replays of every task's best, 1/10, 1/4 and
+1/2 of the cold figure and its whole budget, refined the same way. Why
 both: the estimate's reference sums per kernel the luckiest of many noisy timings (a schedule timed
 again runs slower), which a session of few trials rarely matches even with the same schedules.
 Cold logs are kept (``--logs``, default ``~/.cache/edgetune/bench-logs``, the same names as
@@ -131,19 +132,28 @@ def model_ratio(log_dir: Path, bed: dict, runs: int, rounds: int) -> float:
 
 def model_reach(log_dir: Path, checkpoints: list[int], reference_ratio: float, bed: dict, args) -> dict:
     """The model built from the log's first N trials, for each checkpoint N in turn, timed against ONNX
-    Runtime, up to the first whose ratio is within ``REACH`` of the cold model's (``reference_ratio``)."""
+    Runtime, up to the first whose ratio is within ``REACH`` of the cold model's (``reference_ratio``);
+    then ``args.refine`` halvings of the gap between it and the checkpoint before it."""
     ratios: dict[int, float] = {}
     cut = Path(tempfile.mkdtemp(prefix="edgetune-store-bench-cut-"))
-    reached = None
-    for trials in checkpoints:
+
+    def reaches(trials: int) -> bool:
         ratios[trials] = model_ratio(prefix_log(log_dir, trials, cut / str(trials)), bed, args.model_runs,
                                      args.model_rounds)
-        if ratios[trials] <= reference_ratio / REACH:
-            reached = trials
-            break
+        return ratios[trials] <= reference_ratio / REACH
+
+    reached = next((trials for trials in checkpoints if reaches(trials)), None)
     # The checkpoint before it did not reach: the trials needed lie between the two.
     short = max((n for n in checkpoints if reached is not None and n < reached), default=0)
-    return {"tuned_over_onnxruntime_at": ratios, "model_reaches_reference_at": reached,
+    for _ in range(args.refine):
+        if reached is None or reached - short <= 1:
+            break
+        middle = (short + reached) // 2
+        if reaches(middle):
+            reached = middle
+        else:
+            short = middle
+    return {"tuned_over_onnxruntime_at": dict(sorted(ratios.items())), "model_reaches_reference_at": reached,
             "model_needs_more_than": short}
 
 
@@ -162,6 +172,9 @@ def main() -> None:
                         help="skip the built models' timings (the figure by the estimate only)")
     parser.add_argument("--model-runs", type=int, default=1000, help="timed runs of each built model")
     parser.add_argument("--model-rounds", type=int, default=25, help="rounds those runs are split into")
+    parser.add_argument("--refine", type=int, default=1,
+                        help="halvings of the gap between the last checkpoint short of the reference and the first "
+                             "that reaches it (one more build each)")
     parser.add_argument("--logs", default=str(Path.home() / ".cache" / "edgetune" / "bench-logs"))
     args = parser.parse_args()
     os.environ.setdefault("EDGETUNE_MDNS_INTERFACES", "127.0.0.1")
@@ -222,8 +235,8 @@ def main() -> None:
                               share_of_cold=round(needed / cold_needed, 3) if needed else None)
                 if model_needed is not None:
                     bests = (seeded.get("cost_model") or {}).get("replayed_seed_best") or 0
-                    grid = sorted({n for n in (bests, model_needed // 10, model_needed // 4, model_needed // 2)
-                                   if 0 < n <= budget})
+                    grid = sorted({n for n in (bests, model_needed // 10, model_needed // 4, model_needed // 2,
+                                               budget) if 0 < n <= budget})
                     seeded.update(model_needed_cold=model_needed,
                                   **model_reach(work / "resnet18", grid, reference_ratio, bed, args))
                     reached = seeded["model_reaches_reference_at"]
