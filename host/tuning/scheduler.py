@@ -43,13 +43,20 @@ MAX_BATCHES_WITHOUT_RESULT = 3
 ROOM_WEIGHT = 1.0
 
 
-def batch_sizes(remaining: int, tasks: int) -> tuple[int, int]:
+def batch_sizes(remaining: int, tasks: int, pretrained: int = 0) -> tuple[int, int]:
     """(first-pass batch, later batch) for a session with ``remaining`` trials over ``tasks`` tasks:
     the first pass takes at most half the budget, later batches are big enough to keep the build
-    workers and the boards busy (16, MetaSchedule's own default is 64)."""
+    workers and the boards busy (16, MetaSchedule's own default is 64).
+
+    ``pretrained``: records the cost model was trained on before the session (a seed's). When they are
+    at least what the first pass would measure, the pass has done one of its two jobs already (data for
+    the cost model) and keeps the other (a latency for every task) with the shortest batch, ranked by
+    that model: the trials it saves go where the model's time is."""
     tasks = max(1, tasks)
     first = max(2, min(8, remaining // (2 * tasks)))
     later = max(first, min(16, remaining // tasks))
+    if pretrained >= first * tasks:
+        first = 2
     return first, later
 
 

@@ -694,7 +694,8 @@ def _search(run: _Run, search: _Search) -> None:
     if run.options.scheduler == "gradient":
         per_iter, scheduler = max(2, min(32, budget.remaining // max(1, len(run.tasks)))), "gradient"
     else:
-        first_batch, per_iter = batch_sizes(budget.remaining, len(run.tasks))
+        first_batch, per_iter = batch_sizes(budget.remaining, len(run.tasks),
+                                            search.cost_info.get("pretrained_on_seed") or 0)
         budget.first_batch = first_batch
 
         def best_us() -> list[float | None]:
