@@ -20,6 +20,18 @@ from device_agent.probe import read_profile  # noqa: E402
 HOST_TARGET = read_profile().target
 
 
+def matmul_workload():
+    """A 64x64 float32 matmul as a one-function IRModule: a small real workload for MetaSchedule tests."""
+    import tvm
+    from tvm import te
+
+    a = te.placeholder((64, 64), "float32", name="A")
+    b = te.placeholder((64, 64), "float32", name="B")
+    k = te.reduce_axis((0, 64), name="k")
+    c = te.compute((64, 64), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
+    return tvm.IRModule({"main": te.create_prim_func([a, b, c]).with_attr("global_symbol", "main")})
+
+
 @pytest.fixture(scope="session", autouse=True)
 def team_key(tmp_path_factory):
     """One team key for the whole test session, as a set-up following the README has: every tracker, agent

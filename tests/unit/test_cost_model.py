@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import HOST_TARGET
+from tests.conftest import HOST_TARGET, matmul_workload
 
 
 @pytest.fixture(scope="module")
 def samples():
     """A tune context of a 64x64 matmul and 48 distinct sampled schedules of it, each with a timing."""
     import tvm
-    from tvm import te
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.runner import RunnerResult
 
     from host.tuning.strategy import Budget, BudgetedStrategy
 
-    a = te.placeholder((64, 64), "float32", name="A")
-    b = te.placeholder((64, 64), "float32", name="B")
-    k = te.reduce_axis((0, 64), name="k")
-    c = te.compute((64, 64), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
-    workload = tvm.IRModule({"main": te.create_prim_func([a, b, c]).with_attr("global_symbol", "main")})
+    workload = matmul_workload()
     strategy = BudgetedStrategy("random", Budget(remaining=48))
     context = ms.TuneContext(mod=workload, target=tvm.target.Target(HOST_TARGET), space_generator="post-order-apply",
                              search_strategy=strategy, task_name="matmul", rand_state=1, num_threads=1)

@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import HOST_TARGET
+from tests.conftest import HOST_TARGET, matmul_workload
 
 
 @pytest.fixture(scope="module")
 def workload():
-    import tvm
-    from tvm import te
-
-    a = te.placeholder((64, 64), "float32", name="A")
-    b = te.placeholder((64, 64), "float32", name="B")
-    k = te.reduce_axis((0, 64), name="k")
-    c = te.compute((64, 64), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
-    return tvm.IRModule({"main": te.create_prim_func([a, b, c]).with_attr("global_symbol", "main")})
+    return matmul_workload()
 
 
 def _strategy(workload, database, budget, *, fixed: bool = False, seed: int = 1, per_iter: int = 4):
