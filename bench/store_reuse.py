@@ -250,6 +250,13 @@ def main() -> None:
                 # a run that did not reach the reference within its budget counts as needing more
                 "median_trials_to_reference": median_or_more([r["trials_to_reference"] for r in runs], budget),
                 "median_share_of_cold": median_or_more([r["share_of_cold"] for r in runs], budget / cold_needed)}
+            if model_needed is not None and len(runs) > 1:
+                # By the built models: the median run's reaching cut, and its share of cold as a range.
+                middle = median_or_more([r["model_reaches_reference_at"] for r in runs], budget)
+                shares = [r["model_share_of_cold"] for r in runs if r["model_reaches_reference_at"] == middle]
+                sessions[f"resnet18_from_{name}"].update(
+                    median_model_reaches_reference_at=middle,
+                    median_model_share_of_cold=shares[0] if shares else f"> {round(budget / model_needed, 3)}")
 
     json.dump({"reference_ms": round(reference, 3), "reach": REACH, "target": target, "sessions": sessions},
               sys.stdout, indent=2)
