@@ -50,14 +50,13 @@ def batch_sizes(remaining: int, tasks: int, pretrained: int = 0) -> tuple[int, i
 
     ``pretrained``: records the cost model was trained on before the session (a seed's). When they are
     at least what the first pass would measure, the pass has done one of its two jobs already (data for
-    the cost model) and keeps the other (a latency for every task) with one trial a task, the model's
-    top pick: the trials it saves go where the model's time is. A task whose pick fails is tried again
-    before any other (see ``next_task``), so a latency for every task stays assured."""
+    the cost model) and keeps the other (a latency for every task) with the shortest batch, ranked by
+    that model: the trials it saves go where the model's time is."""
     tasks = max(1, tasks)
     first = max(2, min(8, remaining // (2 * tasks)))
     later = max(first, min(16, remaining // tasks))
     if pretrained >= first * tasks:
-        first = 1
+        first = 2
     return first, later
 
 

@@ -137,6 +137,6 @@ def test_builds_overlap_timings_only_when_every_board_is_another_machine():
 def test_a_cost_model_pretrained_on_more_than_the_first_pass_shortens_it():
     # resnet18 (19 tasks) at 175 trials: a first pass of 4 each would measure 76 records.
     assert batch_sizes(175, 19) == (4, 9)
-    assert batch_sizes(175, 19, pretrained=499) == (1, 9)  # a store's mobilenet_v2 session
+    assert batch_sizes(175, 19, pretrained=499) == (2, 9)  # a store's mobilenet_v2 session
     assert batch_sizes(175, 19, pretrained=75) == (4, 9)  # fewer than the pass would give the model
-    assert batch_sizes(16, 7, pretrained=499) == (1, 2)
+    assert batch_sizes(16, 7, pretrained=499) == (2, 2)
