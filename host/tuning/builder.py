@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from typing import Any
 
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
@@ -75,7 +74,6 @@ class WarmBuilder(PyBuilder):
         self._pool: PopenPoolExecutor | None = None
         self.root: str | None = None  # this session's candidates, created with the pool
         self.builds = 0
-        self.busy: list[tuple[float, float]] = []  # (start, end) of each batch's build, monotonic
 
     def _ensure_pool(self) -> PopenPoolExecutor:
         if self.root is None:
@@ -99,7 +97,6 @@ class WarmBuilder(PyBuilder):
             (inp.mod, inp.target, self.toolchain.compiler, self.toolchain.options, self.root) for inp in build_inputs
         ]
         results: list[BuilderResult] = []
-        started = time.monotonic()
         for outcome in pool.map_with_error_catching(lambda job: build_candidate(*job), jobs):
             self.builds += 1
             if outcome.status == StatusKind.COMPLETE:
@@ -112,7 +109,6 @@ class WarmBuilder(PyBuilder):
             else:
                 message = str(outcome.value).strip().splitlines()
                 results.append(BuilderResult(None, "build failed: " + (message[-1] if message else "unknown error")))
-        self.busy.append((started, time.monotonic()))
         return results
 
     def shutdown(self) -> None:

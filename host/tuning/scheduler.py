@@ -15,15 +15,16 @@ uniform pass and no task ever saw a cost-model-guided second batch. Here:
    the model's time (below ``MIN_TIME_SHARE``) gets no more trials while a bigger one is left.
 A task whose first batch failed entirely (no latency yet) is tried again before any other.
 
-With ``overlap``, the workstation builds the next batch while the boards measure the current one: a
-batch is joined (its results recorded) only when the batch after it has been handed out, so each
-choice sees every result but the one still measuring. Only for boards that are not this machine: a
+With ``overlap``, the workstation prepares the next batch (searches its candidates and builds them)
+while the boards measure the current one: a batch is joined (its results recorded) only when the batch
+after it has been handed out, so each choice sees every result but the one still measuring. Only for boards that are not this machine: a
 build on the CPU that is timing a candidate would skew the timing.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 from tvm.ir.utils import derived_object
@@ -95,9 +96,9 @@ def next_task(best_us: Sequence[float | None], weights: Sequence[float], batches
     return max(worth, key=lambda i: (times[i] * factor[i] / batches[i], -i))
 
 
-def overlap_seconds(builds: Sequence[tuple[float, float]], measurements: Sequence[tuple[float, float]]) -> float:
-    """Seconds during which a build ran while at least one board was measuring: each build interval's
-    intersection with the union of the measurement intervals, summed."""
+def overlap_seconds(work: Sequence[tuple[float, float]], measurements: Sequence[tuple[float, float]]) -> float:
+    """Seconds during which the workstation worked while at least one board was measuring: each work
+    interval's intersection with the union of the measurement intervals, summed."""
     merged: list[list[float]] = []
     for start, end in sorted(measurements):
         if merged and start <= merged[-1][1]:
@@ -105,7 +106,7 @@ def overlap_seconds(builds: Sequence[tuple[float, float]], measurements: Sequenc
         else:
             merged.append([start, end])
     return sum(max(0.0, min(b_end, m_end) - max(b_start, m_start))
-               for b_start, b_end in builds for m_start, m_end in merged)
+               for b_start, b_end in work for m_start, m_end in merged)
 
 
 @derived_object
@@ -130,6 +131,10 @@ class WeightedScheduler(PyTaskScheduler):
         seeded = set(measured)
         self.batches = [1 if i in seeded else 0 for i in range(len(self.weights))]
         self.overlapped = 0  # batches handed out while another was still measuring
+        # (start, end) of each batch's preparation, monotonic: from its hand-out to the next call here
+        # (MetaSchedule searches its candidates, builds them and sends them to the runner in between)
+        self.preparing: list[tuple[float, float]] = []
+        self._handed_out_at: float | None = None
         self._running: list[int] = []  # tasks whose batch is out (built, measuring), oldest first
 
     def _join(self, task_id: int) -> None:
@@ -139,6 +144,9 @@ class WeightedScheduler(PyTaskScheduler):
                 self.after_batch(task_id)
 
     def next_task_id(self) -> int:
+        if self._handed_out_at is not None:
+            self.preparing.append((self._handed_out_at, time.monotonic()))
+            self._handed_out_at = None
         outer = self._outer()
         while len(self._running) > (1 if self.overlap else 0):
             self._join(self._running.pop(0))
@@ -154,4 +162,5 @@ class WeightedScheduler(PyTaskScheduler):
         self.overlapped += bool(self._running)
         self.batches[chosen] += 1
         self._running.append(chosen)
+        self._handed_out_at = time.monotonic()
         return chosen

@@ -843,10 +843,11 @@ def _close_run(run: _Run, search: _Search | None, status: Status) -> None:
         if search.scheduler is not None:
             from .scheduler import overlap_seconds
 
-            # How long the workstation built while a board measured (0 without overlap, up to the whole
-            # build time with it): what building ahead saved in this run.
+            # How long the workstation prepared the next batch (search and build) while a board measured
+            # (0 without overlap): what working ahead saved in this run.
             run.entry["overlapped_batches"] = search.scheduler.overlapped
-            run.entry["built_while_measuring_s"] = round(overlap_seconds(search.builder.busy, search.runner.busy), 2)
+            run.entry["prepared_while_measuring_s"] = round(
+                overlap_seconds(search.scheduler.preparing, search.runner.busy), 2)
     run.trials_done = run.log.record_count()
     run.entry.update(ended=now_iso(), trials=run.trials_done - run.done_before, status=status)
     if run.budget is not None:

@@ -342,7 +342,7 @@ def test_tune_cross_compiles_measures_on_the_board_and_records(bed: Bed, tuned: 
     # next batch while the board measured the current one.
     assert events[0]["overlap"] is True
     run = session["runs"][-1]
-    assert run["overlap"] is True and run["overlapped_batches"] >= 1 and run["built_while_measuring_s"] > 0, run
+    assert run["overlap"] is True and run["overlapped_batches"] >= 1 and run["prepared_while_measuring_s"] > 0, run
 
     # Measured on the board: each trial names it; most have a latency.
     history = [json.loads(line) for line in (log_dir / "history.jsonl").read_text().splitlines() if line.strip()]

@@ -513,7 +513,7 @@ def test_overlap_builds_the_next_batch_while_the_board_measures_and_loses_nothin
     start = json.loads(out.stdout.splitlines()[0])
     assert start["event"] == "start" and start["overlap"] is False
     run = session_of(plain)["runs"][-1]
-    assert run["overlap"] is False and run["overlapped_batches"] == 0 and run["built_while_measuring_s"] == 0
+    assert run["overlap"] is False and run["overlapped_batches"] == 0 and run["prepared_while_measuring_s"] == 0
 
     log_dir = tmp_path / "overlap"
     out = tune_cli(tuning_bed["tracker"], tuning_bed["key"], log_dir, 24, "--strategy", "random", "--overlap")
@@ -522,7 +522,7 @@ def test_overlap_builds_the_next_batch_while_the_board_measures_and_loses_nothin
     session = session_of(log_dir)
     run = session["runs"][-1]
     assert session["status"] == "completed" and run["overlap"] is True
-    assert run["overlapped_batches"] >= 1 and run["built_while_measuring_s"] > 0, run
+    assert run["overlapped_batches"] >= 1 and run["prepared_while_measuring_s"] > 0, run
     history = history_of(log_dir)
     records = records_of(log_dir)
     assert [h["trial"] for h in history] == list(range(1, 25)) and len(records) == 24 == unique_records(records)

@@ -103,7 +103,7 @@ def test_room_never_outweighs_a_much_larger_share_of_the_models_time():
     assert next_task(best, [1, 1], [1, 1], [0, 1], flops) == 0
 
 
-def test_overlap_seconds_counts_build_time_during_any_measurement_once():
+def test_overlap_seconds_counts_work_during_any_measurement_once():
     from host.tuning.scheduler import overlap_seconds
 
     measurements = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]  # two boards at first: one union 0-3, then 5-6
