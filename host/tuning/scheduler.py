@@ -17,8 +17,8 @@ A task whose first batch failed entirely (no latency yet) is tried again before 
 
 With ``overlap``, the workstation prepares the next batch (searches its candidates and builds them)
 while the boards measure the current one: a batch is joined (its results recorded) only when the batch
-after it has been handed out, so each choice sees every result but the one still measuring. Only for boards that are not this machine: a
-build on the CPU that is timing a candidate would skew the timing.
+after it has been handed out, so each choice sees every result but the one still measuring. Only for
+boards that are not this machine: a build on the CPU that is timing a candidate would skew the timing.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def overlap_seconds(work: Sequence[tuple[float, float]], measurements: Sequence[
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
-    return sum(max(0.0, min(b_end, m_end) - max(b_start, m_start))
-               for b_start, b_end in work for m_start, m_end in merged)
+    return sum(max(0.0, min(w_end, m_end) - max(w_start, m_start))
+               for w_start, w_end in work for m_start, m_end in merged)
 
 
 @derived_object
